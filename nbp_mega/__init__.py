@@ -1,0 +1,1 @@
+"""nbp_mega: Next-Block-Prediction video generation (PyTorch, DeepSpeed, Megatron-core)."""

@@ -1,0 +1,119 @@
+"""Crash-safe checkpoints: DeepSpeed engine state + ours, a `latest` pointer, keep-last-N.
+
+Layout of <run_dir>/checkpoints:
+    step_00000100/          DeepSpeed files (model, ZeRO optimizer shards, LR scheduler)
+        trainer_state.json  step, consumed samples, data position, resolved config
+        rng/rank_00000.pt   RNG states of every rank (python, numpy, torch, cuda)
+    latest                  name of the newest complete checkpoint
+A checkpoint is written under `<name>.partial` and renamed only once every rank has finished,
+then `latest` is replaced atomically: a crash mid-save leaves the last good one untouched.
+Assumes <run_dir> is on a file system all ranks share (as usual on clusters).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger("nbp_mega.checkpoint")
+_NAME = re.compile(r"^step_(\d{8})$")
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Checkpointer:
+    def __init__(self, run_dir: str, *, keep_last: int, rank: int):
+        self.dir = os.path.join(run_dir, "checkpoints")
+        self.keep_last, self.rank = keep_last, rank
+
+    def latest(self) -> str | None:
+        """Name of the newest complete checkpoint, or None for a fresh run."""
+        path = os.path.join(self.dir, "latest")
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            name = f.read().strip()
+        if not _NAME.match(name) or not os.path.isdir(os.path.join(self.dir, name)):
+            raise RuntimeError(f"{path} names {name!r}, which is not a complete checkpoint "
+                               f"in {self.dir}; fix or remove the 'latest' file")
+        return name
+
+    def save(self, engine, step: int, state: dict) -> str:
+        """Save engine + `state` (JSON-able) + this rank's RNG as checkpoint `step`."""
+        name = f"step_{step:08d}"
+        partial = f"{name}.partial"
+        if self.rank == 0 and os.path.exists(os.path.join(self.dir, partial)):
+            shutil.rmtree(os.path.join(self.dir, partial))  # left by a crashed save
+        dist.barrier()
+        engine.save_checkpoint(self.dir, tag=partial, save_latest=False)
+        rng_dir = os.path.join(self.dir, partial, "rng")
+        os.makedirs(rng_dir, exist_ok=True)
+        torch.save(rng_state(), os.path.join(rng_dir, f"rank_{self.rank:05d}.pt"))
+        if self.rank == 0:
+            _write_atomic(os.path.join(self.dir, partial, "trainer_state.json"),
+                          json.dumps(state, indent=1))
+        dist.barrier()  # every rank's files are on disk
+        if self.rank == 0:
+            final = os.path.join(self.dir, name)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.rename(os.path.join(self.dir, partial), final)
+            _write_atomic(os.path.join(self.dir, "latest"), name)
+            self._prune()
+        dist.barrier()
+        log.info("saved checkpoint %s", os.path.join(self.dir, name))
+        return name
+
+    def load(self, engine, name: str) -> dict:
+        """Restore engine and RNG from checkpoint `name`; return the trainer state."""
+        path = os.path.join(self.dir, name)
+        load_path, _ = engine.load_checkpoint(self.dir, tag=name, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            state = json.load(f)
+        rng_file = os.path.join(path, "rng", f"rank_{self.rank:05d}.pt")
+        if os.path.exists(rng_file):
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        else:
+            log.warning("no RNG state for rank %d in %s (different world size?); dropout "
+                        "streams restart from the seed", self.rank, path)
+        log.info("resumed from %s (step %d)", path, state["step"])
+        return state
+
+    def _prune(self) -> None:
+        names = sorted(n for n in os.listdir(self.dir) if _NAME.match(n))
+        for old in names[: max(len(names) - self.keep_last, 0)]:
+            shutil.rmtree(os.path.join(self.dir, old))

@@ -1,0 +1,83 @@
+"""Model configuration and the size table.
+
+Sizes follow the paper's table (GPT-2 style layers, "LLaMA" sizes); `model.size` picks a row
+and `model.layers/hidden/heads` (when non-zero) override it for ablations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nbp_mega.config_fields import ConfigError, option
+
+# name: (layers, hidden, heads). Non-embedding params = layers * (12 d^2 + 13 d) for gpt.
+SIZES = {
+    "tiny": (4, 128, 4),  # CPU tests and the demo
+    "small": (12, 768, 12),  # ~85M non-embedding: the ~100M throughput benchmark
+    "700m": (24, 1536, 16),  # NBP-XL
+    "1.2b": (24, 2048, 32),  # NBP-XXL
+    "3b": (32, 3072, 32),  # NBP-3B
+}
+
+
+@dataclass
+class ModelConfig:
+    family: str = option("gpt", "gpt: paper-faithful (LayerNorm, GELU, biases); "
+                         "llama: RMSNorm, SwiGLU, no biases", choices=["gpt", "llama"])
+    size: str = option("tiny", "row of the size table", choices=list(SIZES))
+    layers: int = option(0, "transformer layers (0 = from model.size)", min=0)
+    hidden: int = option(0, "model width d (0 = from model.size)", min=0)
+    heads: int = option(0, "attention heads (0 = from model.size)", min=0)
+    ffn_hidden: int = option(0, "MLP width (0 = 4d for gpt, 8d/3 rounded to 64 for llama)",
+                             min=0)
+    grid: list[int] = option([5, 16, 16], "latent token grid (T, H, W) of one clip")
+    block_shape: list[int] = option([1, 1, 16], "block (T, H, W) in latent units; "
+                                    "[1,1,1] = next-token prediction", min=1)
+    vocab_size: int = option(64000, "video codebook size (token ids 0..vocab_size-1)", min=2)
+    num_classes: int = option(0, "class-conditional: number of classes (0 = unconditional)",
+                              min=0)
+    class_tokens: int = option(1, "prefix tokens that carry the class id", min=1)
+    start_block: bool = option(True, "a learned start block predicts block 0 (models the "
+                               "whole clip); false = paper's K600 layout, block 0 is context")
+    position: str = option("learned_1d", "learned_1d: table over sequence index (published "
+                           "models); learned_3d: tables over (t,h,w); rope_3d: rotary on (t,h,w)",
+                           choices=["learned_1d", "learned_3d", "rope_3d"])
+    max_positions: int = option(5120, "rows of the learned 1-D position table", min=1)
+    rope_theta: float = option(10000.0, "rotary base frequency", min=1.0)
+    dropout: float = option(0.1, "dropout on embeddings, attention output and MLP output",
+                            min=0.0, max=1.0)
+    norm_eps: float = option(1e-5, "LayerNorm / RMSNorm epsilon", min=0.0)
+    init_std: float = option(0.02, "std of the normal init of weights (biases start at 0)",
+                             min=0.0)
+    vocab_pad_multiple: int = option(128, "pad embedding/head rows to a multiple of this "
+                                     "(must be divisible by parallel.tensor)", min=1)
+    activation_checkpointing: bool = option(False, "recompute each layer in backward")
+
+    def resolved(self) -> "ModelConfig":
+        """A copy with layers/hidden/heads/ffn_hidden filled in from the size table."""
+        from dataclasses import replace
+
+        layers, hidden, heads = SIZES[self.size]
+        cfg = replace(self, layers=self.layers or layers, hidden=self.hidden or hidden,
+                      heads=self.heads or heads)
+        if not cfg.ffn_hidden:
+            ffn = 4 * cfg.hidden if cfg.family == "gpt" else 64 * round(8 * cfg.hidden / 3 / 64)
+            cfg = replace(cfg, ffn_hidden=ffn)
+        return cfg
+
+    @property
+    def head_dim(self) -> int:
+        return self.resolved().hidden // self.resolved().heads
+
+    def validate(self) -> None:
+        for key in ("grid", "block_shape"):
+            value = getattr(self, key)
+            if len(value) != 3 or min(value) < 1:
+                raise ConfigError(f"model.{key}={value}: expected 3 positive ints (T, H, W)")
+        cfg = self.resolved()
+        if cfg.hidden % cfg.heads:
+            raise ConfigError(f"model.hidden={cfg.hidden} is not divisible by model.heads="
+                              f"{cfg.heads}")
+        if cfg.position == "rope_3d" and (cfg.hidden // cfg.heads) % 2:
+            raise ConfigError(f"model.position=rope_3d needs an even head dim, got "
+                              f"{cfg.hidden // cfg.heads} = model.hidden / model.heads")

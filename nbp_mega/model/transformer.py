@@ -1,0 +1,149 @@
+"""The NBP transformer: one code path for the `gpt` (paper) and `llama` families.
+
+Legend: B batch; S input length; d width; N heads (Nl = N / tp on this rank); D = d / N;
+F MLP width; V video vocabulary (Vp padded); P prefix length; L block length; Nt targets.
+
+Written as single-device PyTorch: its linears, token embedding, head and loss come from a
+`TensorParallel` factory (megatron-core TP layers), which makes the same code tensor-parallel.
+Attention is block-causal through `nbp_mega.ops.block_causal_attention`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from nbp_mega.config_fields import ConfigError
+from nbp_mega.model.config import ModelConfig
+from nbp_mega.model.positions import LearnedPositions1D, LearnedPositions3D, Rotary3D
+from nbp_mega.model.sequence import SequenceLayout
+from nbp_mega.ops import block_causal_attention
+from nbp_mega.parallel.layers import TensorParallel
+
+
+def _norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.family == "gpt":
+        return nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps)
+    return nn.RMSNorm(cfg.hidden, eps=cfg.norm_eps)
+
+
+def _pad(n: int, multiple: int) -> int:
+    return math.ceil(n / multiple) * multiple
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, layout: SequenceLayout):
+        super().__init__()
+        bias = cfg.family == "gpt"
+        self.local_heads = cfg.heads // tp.size
+        self.head_dim = cfg.hidden // cfg.heads
+        # Rows ordered [N, 3, D]: a contiguous TP split hands each rank whole heads' q, k, v.
+        self.qkv = tp.column(cfg.hidden, 3 * cfg.hidden, bias=bias)
+        self.proj = tp.row(cfg.hidden, cfg.hidden, bias=bias)
+        self.block_len, self.prefix_len = layout.block_len, layout.prefix_len
+
+    def forward(self, x: torch.Tensor, rope: Rotary3D | None, start: int) -> torch.Tensor:
+        B, S, _ = x.shape
+        qkv = self.qkv(x).view(B, S, self.local_heads, 3, self.head_dim)
+        q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each [B, Nl, S, D]
+        if rope is not None:
+            q, k = rope(q, start), rope(k, start)
+        out = block_causal_attention(q, k, v, self.block_len, self.prefix_len, start)
+        return self.proj(out.transpose(1, 2).reshape(B, S, self.local_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """gpt: GELU(x W1 + b1) W2 + b2; llama: (SiLU(x W1) * x W3) W2."""
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel):
+        super().__init__()
+        self.gated = cfg.family == "llama"
+        bias = not self.gated
+        self.fc = tp.column(cfg.hidden, cfg.ffn_hidden, bias=bias)
+        self.gate = tp.column(cfg.hidden, cfg.ffn_hidden, bias=False) if self.gated else None
+        self.proj = tp.row(cfg.ffn_hidden, cfg.hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            return self.proj(F.silu(self.gate(x)) * self.fc(x))
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm: x + drop(attn(norm(x))), then x + drop(mlp(norm(x)))."""
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, layout: SequenceLayout):
+        super().__init__()
+        self.norm1, self.norm2 = _norm(cfg), _norm(cfg)
+        self.attn = Attention(cfg, tp, layout)
+        self.mlp = MLP(cfg, tp)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope: Rotary3D | None, start: int) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), rope, start))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class NBPTransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel):
+        super().__init__()
+        cfg = cfg.resolved()
+        self.cfg, self.layout, self.tp_size = cfg, SequenceLayout(cfg), tp.size
+        self._check_fits(cfg, tp)
+        d = cfg.hidden
+        self.tok_emb = tp.embedding(_pad(self.layout.embed_vocab, cfg.vocab_pad_multiple), d)
+        self.pos_emb, self.rope = None, None
+        if cfg.position == "learned_1d":
+            self.pos_emb = LearnedPositions1D(cfg.max_positions, d, cfg.init_std)
+        elif cfg.position == "learned_3d":
+            self.pos_emb = LearnedPositions3D(self.layout, d, cfg.init_std)
+        else:
+            self.rope = Rotary3D(self.layout, d // cfg.heads, cfg.rope_theta)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(TransformerLayer(cfg, tp, self.layout)
+                                    for _ in range(cfg.layers))
+        self.norm = _norm(cfg)
+        head_vocab = _pad(cfg.vocab_size, cfg.vocab_pad_multiple)
+        self.head = tp.column(d, head_vocab, bias=False)
+        lo, hi = tp.vocab_range(head_vocab)
+        # Padded head rows (ids >= V) must not take probability mass.
+        self.register_buffer("pad_logits", torch.arange(lo, hi) >= cfg.vocab_size,
+                             persistent=False)
+
+    def _check_fits(self, cfg: ModelConfig, tp: TensorParallel) -> None:
+        for key, value in (("model.heads", cfg.heads), ("model.ffn_hidden", cfg.ffn_hidden),
+                           ("model.vocab_pad_multiple", cfg.vocab_pad_multiple)):
+            if value % tp.size:
+                raise ConfigError(f"{key}={value} is not divisible by parallel.tensor={tp.size}")
+        if cfg.position == "learned_1d" and self.layout.seq_len > cfg.max_positions:
+            raise ConfigError(f"sequence length {self.layout.seq_len} exceeds "
+                              f"model.max_positions={cfg.max_positions}")
+
+    def hidden_states(self, input_ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """input_ids [B, S] at positions [start, start + S) -> final-norm states [B, S, d]."""
+        x = self.tok_emb(input_ids)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(start, input_ids.shape[1])
+        x = self.drop(x)
+        for layer in self.layers:
+            if self.cfg.activation_checkpointing and self.training:
+                x = checkpoint(layer, x, self.rope, start, use_reentrant=False)
+            else:
+                x = layer(x, self.rope, start)
+        return self.norm(x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """[..., d] -> this rank's fp32 logit shard [..., Vp/tp], padded ids at -inf."""
+        logits = self.head(h).float()
+        return logits.masked_fill(self.pad_logits, float("-inf"))
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, S], targets [B, Nt] -> per-target loss [B, Nt] (nats)."""
+        h = self.hidden_states(input_ids)
+        P = self.layout.prefix_len
+        h = h[:, P : P + targets.shape[1]]  # the prefix predicts nothing
+        return TensorParallel.cross_entropy(self.logits(h), targets)

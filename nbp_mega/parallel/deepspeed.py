@@ -1,0 +1,101 @@
+"""The DeepSpeed engine: its JSON generated from our config, TP groups handed over as an mpu.
+
+ZeRO shards parameters, gradients and optimizer state over the data-parallel group only;
+tensor-parallel shards stay whole per TP rank. DeepSpeed learns the groups from `_Mpu`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from nbp_mega.config_fields import ConfigError, deep_merge
+from nbp_mega.parallel.dims import ParallelDims
+
+log = logging.getLogger("nbp_mega.parallel")
+
+
+class _Mpu:
+    """The model-parallel-unit interface DeepSpeed expects (Megatron's names)."""
+
+    def __init__(self, dims: ParallelDims):
+        self.dims = dims
+
+    def get_model_parallel_rank(self):
+        return self.dims.tp_rank
+
+    def get_model_parallel_world_size(self):
+        return self.dims.tp
+
+    def get_model_parallel_group(self):
+        return self.dims.tp_group
+
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_model_parallel_group
+
+    def get_data_parallel_rank(self):
+        return self.dims.dp_rank
+
+    def get_data_parallel_world_size(self):
+        return self.dims.dp
+
+    def get_data_parallel_group(self):
+        return self.dims.dp_group
+
+    def get_pipeline_model_parallel_world_size(self):
+        return 1
+
+    def get_pipeline_model_parallel_rank(self):
+        return 0
+
+
+def batch_arithmetic(global_batch: int, micro_batch: int, dp: int) -> tuple[int, int]:
+    """(micro batch per rank, gradient-accumulation steps) for a global batch."""
+    if global_batch % dp:
+        raise ConfigError(f"train.global_batch={global_batch} is not divisible by the "
+                          f"data-parallel size {dp}")
+    micro = micro_batch or global_batch // dp
+    if global_batch % (micro * dp):
+        raise ConfigError(f"train.global_batch={global_batch} is not a multiple of "
+                          f"train.micro_batch={micro} x data-parallel size {dp}")
+    return micro, global_batch // (micro * dp)
+
+
+def deepspeed_config(cfg, dims: ParallelDims) -> dict:
+    """The DeepSpeed JSON for root config `cfg`, with `cfg.deepspeed` merged on top."""
+    micro, accum = batch_arithmetic(cfg.train.global_batch, cfg.train.micro_batch, dims.dp)
+    zero = {"stage": cfg.parallel.zero_stage}
+    if cfg.parallel.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": dims.device.type == "cuda"}
+    if cfg.parallel.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": dims.device.type == "cuda"}
+    ds = {
+        "train_batch_size": cfg.train.global_batch,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.train.precision == "bf16"},
+        "zero_allow_untested_optimizer": True,  # our torch AdamW runs on CPU and GPU
+        "steps_per_print": 2**31 - 1,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+    return deep_merge(ds, cfg.deepspeed)
+
+
+def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, cfg,
+                 dims: ParallelDims):
+    """Wrap model + optimizer in a DeepSpeed engine (ZeRO over the data-parallel group)."""
+    import deepspeed
+
+    ds_config = deepspeed_config(cfg, dims)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+        mpu=_Mpu(dims), dist_init_required=False)
+    log.info("DeepSpeed engine: ZeRO stage %d, micro batch %d x %d accumulation x dp %d",
+             cfg.parallel.zero_stage, ds_config["train_micro_batch_size_per_gpu"],
+             ds_config["gradient_accumulation_steps"], dims.dp)
+    return engine

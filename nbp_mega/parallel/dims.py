@@ -1,0 +1,138 @@
+"""Process groups: who is who in a (data x tensor)-parallel job.
+
+`init_parallel(cfg)` joins the job (torchrun, the DeepSpeed launcher and SLURM all hand us
+RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; a plain `python` run becomes a
+job of one), builds megatron-core's tensor- and data-parallel groups, and returns a
+`ParallelDims`: the one object through which the rest of the code sees the groups. Only
+nbp_mega/parallel/ imports megatron.core.parallel_state and deepspeed.
+
+Rank layout (megatron's default "tp-cp-ep-dp-pp"): consecutive ranks form a tensor-parallel
+group, so TP traffic stays inside a node.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from nbp_mega.config_fields import ConfigError, option
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = option(1, "tensor-parallel size (megatron-core TP layers); divides heads",
+                         min=1)
+    pipeline: int = option(1, "pipeline-parallel size (not implemented yet; needs ZeRO <= 1)",
+                           min=1)
+    zero_stage: int = option(3, "DeepSpeed ZeRO stage, sharding over the data-parallel group",
+                             choices=[0, 1, 2, 3])
+    offload_optimizer: bool = option(False, "ZeRO: optimizer states and step on the CPU")
+    offload_params: bool = option(False, "ZeRO-3: parameters live on the CPU between uses")
+    backend: str = option("auto", "torch.distributed backend (auto: nccl with GPUs, else gloo)",
+                          choices=["auto", "nccl", "gloo"])
+    timeout_minutes: int = option(30, "collective timeout before a hung job fails", min=1)
+
+    def validate(self) -> None:
+        if self.pipeline > 1 and self.zero_stage > 1:
+            raise ConfigError(
+                f"parallel.pipeline={self.pipeline} with parallel.zero_stage={self.zero_stage}: "
+                "DeepSpeed's pipeline engine supports only ZeRO stage 0 or 1; "
+                "set parallel.zero_stage<=1 or parallel.pipeline=1")
+        if self.pipeline > 1:
+            raise ConfigError(f"parallel.pipeline={self.pipeline}: pipeline parallelism is not "
+                              "implemented yet; use parallel.pipeline=1")
+        if self.offload_params and self.zero_stage != 3:
+            raise ConfigError("parallel.offload_params=true needs parallel.zero_stage=3, "
+                              f"got {self.zero_stage}")
+
+
+@dataclass
+class ParallelDims:
+    """Sizes, ranks and groups of this process; passed explicitly, never stashed globally."""
+
+    world_size: int
+    rank: int
+    local_rank: int
+    tp: int
+    dp: int
+    tp_rank: int
+    dp_rank: int
+    tp_group: object
+    dp_group: object
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={raw!r}: expected an integer") from None
+
+
+def init_parallel(cfg: ParallelConfig) -> ParallelDims:
+    """Join the job described by the environment and build the TP/DP groups."""
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    if world_size % cfg.tensor:
+        raise ConfigError(f"parallel.tensor={cfg.tensor} must divide the number of processes "
+                          f"({world_size})")
+    backend = cfg.backend
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        if "MASTER_ADDR" not in os.environ:  # a plain single-process run
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ["MASTER_PORT"] = str(_free_port())
+        dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(minutes=cfg.timeout_minutes))
+    return _build_groups(cfg, device, local_rank)
+
+
+def _build_groups(cfg: ParallelConfig, device: torch.device, local_rank: int) -> ParallelDims:
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(tensor_model_parallel_size=cfg.tensor,
+                                     create_gloo_process_groups=False)
+    elif ps.get_tensor_model_parallel_world_size() != cfg.tensor:
+        raise RuntimeError("megatron parallel state already initialised with tensor="
+                           f"{ps.get_tensor_model_parallel_world_size()}, asked for {cfg.tensor}")
+    return ParallelDims(
+        world_size=dist.get_world_size(), rank=dist.get_rank(), local_rank=local_rank,
+        tp=ps.get_tensor_model_parallel_world_size(), dp=ps.get_data_parallel_world_size(),
+        tp_rank=ps.get_tensor_model_parallel_rank(), dp_rank=ps.get_data_parallel_rank(),
+        tp_group=ps.get_tensor_model_parallel_group(), dp_group=ps.get_data_parallel_group(),
+        device=device)
+
+
+def shutdown_parallel() -> None:
+    """Leave the job (tests run several jobs in one process)."""
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

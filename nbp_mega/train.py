@@ -1,0 +1,135 @@
+"""`python -m nbp_mega.train CONFIG [key.sub=value ...]`: train an NBP model.
+
+Launch with torchrun, `deepspeed [--hostfile hosts] launch.sh CONFIG ...`, or plain python
+(a job of one). Restarting the same command resumes from <run_dir>/checkpoints/latest.
+This file only wires the pieces together; the loop is nbp_mega/trainer.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import torch
+
+log = logging.getLogger("nbp_mega.train")
+
+
+def parse_args(argv: list[str]) -> tuple[str, list[str]]:
+    """CONFIG and overrides; drops the --local_rank the DeepSpeed launcher appends."""
+    args = []
+    it = iter(argv)
+    for arg in it:
+        if arg.startswith("--local_rank"):
+            value = arg.split("=", 1)[1] if "=" in arg else next(it, "0")
+            os.environ.setdefault("LOCAL_RANK", value)
+        else:
+            args.append(arg)
+    if not args or args[0].startswith("-"):
+        print(__doc__.strip(), file=sys.stderr)
+        sys.exit(2)
+    return args[0], args[1:]
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[%(asctime)s rank{rank}] %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+def check_resume_compatible(saved: dict, cfg) -> None:
+    """A run directory holds one model: refuse to resume it with another architecture."""
+    from nbp_mega.config import to_dict
+    from nbp_mega.config_fields import ConfigError
+
+    now = to_dict(cfg)["model"]
+    diff = [k for k in now if saved["model"].get(k) != now[k]]
+    if diff:
+        details = ", ".join(f"model.{k}: checkpoint {saved['model'].get(k)!r} vs {now[k]!r}"
+                            for k in diff)
+        raise ConfigError(f"run_dir {cfg.run_dir} holds a checkpoint of a different model "
+                          f"({details}); use a new run_dir or the same model settings")
+
+
+def build_data(cfg, dims):
+    from nbp_mega.config_fields import ConfigError
+    from nbp_mega.data.loader import TokenLoader
+    from nbp_mega.data.shards import ShardIndex, expand_shards
+
+    if not cfg.data.shards:
+        raise ConfigError("data.shards is empty: give a directory, glob or brace pattern of "
+                          "token shards (python -m nbp_mega.data.synthetic OUT makes some)")
+    index = ShardIndex.build(expand_shards(cfg.data.shards))
+    val_index = (ShardIndex.build(expand_shards(cfg.data.val_shards))
+                 if cfg.data.val_shards else None)
+    loader = TokenLoader(index, global_batch=cfg.train.global_batch, dp_rank=dims.dp_rank,
+                         dp_size=dims.dp, seed=cfg.seed, grid=tuple(cfg.model.grid),
+                         vocab_size=cfg.model.vocab_size, shuffle=cfg.data.shuffle,
+                         num_workers=cfg.data.num_workers)
+    return loader, val_index
+
+
+def main(argv: list[str] | None = None) -> None:
+    import json
+
+    from nbp_mega.checkpoint import Checkpointer
+    from nbp_mega.config import dump_config, load_config
+    from nbp_mega.info import full_parameter_counts, training_flops_per_token
+    from nbp_mega.metrics import MetricsLogger, measure_matmul_tflops
+    from nbp_mega.model import NBPTransformer
+    from nbp_mega.optim import build_optimizer, build_scheduler
+    from nbp_mega.parallel.deepspeed import build_engine
+    from nbp_mega.parallel.dims import init_parallel, shutdown_parallel
+    from nbp_mega.parallel.layers import TensorParallel
+    from nbp_mega.trainer import Trainer
+
+    config_path, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    cfg = load_config(config_path, overrides)
+    dims = init_parallel(cfg.parallel)
+    setup_logging(dims.rank)
+    checkpointer = Checkpointer(cfg.run_dir, keep_last=cfg.train.keep_last, rank=dims.rank)
+    resume = checkpointer.latest()
+    if resume:
+        with open(os.path.join(checkpointer.dir, resume, "trainer_state.json")) as f:
+            check_resume_compatible(json.load(f)["config"], cfg)
+    if dims.is_main:
+        dump_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+    loader, val_index = build_data(cfg, dims)  # bad shards fail before the expensive set-up
+
+    torch.manual_seed(cfg.seed)  # same on every rank: TP shards are cut from one full init
+    model = NBPTransformer(cfg.model, TensorParallel(dims, init_std=cfg.model.init_std))
+    model = model.to(dims.device)
+    counts = full_parameter_counts(model)
+    torch.manual_seed(cfg.seed + 1 + dims.dp_rank)  # dropout differs across data-parallel ranks
+    optimizer = build_optimizer(model, cfg.optim)
+    engine = build_engine(model, optimizer, build_scheduler(optimizer, cfg.optim,
+                                                            cfg.train.steps), cfg, dims)
+    matmul = counts["non_embedding"] + model.head.linear.weight.numel() * dims.tp
+    peak = cfg.log.peak_tflops or measure_matmul_tflops(dims.device)
+    trainer = Trainer(cfg, dims=dims, engine=engine, layout=model.layout, loader=loader,
+                      val_index=val_index, checkpointer=checkpointer, metrics=None,
+                      flops_per_token=training_flops_per_token(cfg.model, matmul),
+                      peak_tflops=peak)
+    if resume:
+        trainer.load_state_dict(checkpointer.load(engine, resume))
+    log.info("model: %s parameters (%s non-embedding), %d tokens per clip, world %d = dp %d "
+             "x tp %d", f"{counts['total']:,}", f"{counts['non_embedding']:,}",
+             model.layout.num_targets, dims.world_size, dims.dp, dims.tp)
+    trainer.metrics = MetricsLogger(cfg.run_dir, cfg.log, enabled=dims.is_main,
+                                    total_steps=cfg.train.steps, start_step=trainer.step)
+    try:
+        trainer.train()
+    finally:
+        trainer.metrics.close()
+    if dims.is_main:
+        print(f"run directory: {os.path.abspath(cfg.run_dir)}\n"
+              f"  metrics:     {trainer.metrics.path}\n"
+              f"  tensorboard: tensorboard --logdir {trainer.metrics.tb_dir}\n"
+              f"  checkpoints: {checkpointer.dir}", flush=True)
+    shutdown_parallel()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""The training loop: step, evaluate, checkpoint, log.
+
+Legend: GB global batch; b = GB / dp per rank; m micro batch; A = b / m accumulation steps;
+S input length; Nt targets per clip; nb blocks; L block length.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from nbp_mega.config_fields import ConfigError, option
+
+
+@dataclass
+class TrainConfig:
+    steps: int = option(1000, "optimizer steps in the whole run (sets the LR schedule)", min=1)
+    global_batch: int = option(32, "clips per optimizer step, over all data-parallel ranks",
+                               min=1)
+    micro_batch: int = option(0, "clips per forward on one rank (0 = global_batch / dp, no "
+                              "accumulation)", min=0)
+    precision: str = option("fp32", "parameter/compute dtype", choices=["fp32", "bf16"])
+    save_every: int = option(500, "checkpoint every N steps (0 = only at the end)", min=0)
+    keep_last: int = option(3, "complete checkpoints to keep", min=1)
+    eval_every: int = option(0, "validation loss every N steps (0 = only at the end)", min=0)
+    eval_batches: int = option(4, "validation batches of global_batch clips", min=1)
+    stop_at: int = option(0, "leave after this step with a checkpoint, as if preempted "
+                          "(0 = run to train.steps)", min=0)
+
+    def validate(self) -> None:
+        if self.stop_at > self.steps:
+            raise ConfigError(f"train.stop_at={self.stop_at} is after train.steps={self.steps}")
+
+
+def _all_reduce_mean(values: torch.Tensor, group, size: int) -> torch.Tensor:
+    if size > 1:
+        dist.all_reduce(values, group=group)
+        values /= size
+    return values
+
+
+class Trainer:
+    def __init__(self, cfg, *, dims, engine, layout, loader, val_index, checkpointer, metrics,
+                 flops_per_token: float, peak_tflops: float):
+        from nbp_mega.parallel.deepspeed import batch_arithmetic
+
+        self.cfg, self.dims, self.engine, self.layout = cfg, dims, engine, layout
+        self.loader, self.val_index = loader, val_index
+        self.checkpointer, self.metrics = checkpointer, metrics
+        self.flops_per_token, self.peak_tflops = flops_per_token, peak_tflops
+        self.micro, self.accum = batch_arithmetic(cfg.train.global_batch,
+                                                  cfg.train.micro_batch, dims.dp)
+        self.step = 0
+
+    # -- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        from nbp_mega.config import to_dict
+
+        return {"step": self.step, "consumed_samples": self.step * self.cfg.train.global_batch,
+                "data": self.loader.state_dict(), "config": to_dict(self.cfg)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        self.loader.load_state_dict(state["data"])
+
+    # -- loop --------------------------------------------------------------------------------
+    def train(self) -> None:
+        cfg = self.cfg.train
+        last = cfg.stop_at or cfg.steps
+        while self.step < last:
+            batch = self.loader.next_batch()
+            record, block_loss = self.train_step(batch)
+            self.step += 1
+            record = {"step": self.step, **record}
+            show_blocks = self.step % self.cfg.log.block_loss_every == 0
+            self.metrics.log_step(record, block_loss if show_blocks else None)
+            if cfg.eval_every and self.step % cfg.eval_every == 0:
+                self.evaluate()
+            if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == last:
+                self.checkpointer.save(self.engine, self.step, self.state_dict())
+        if self.step == cfg.steps and not (cfg.eval_every and cfg.steps % cfg.eval_every == 0):
+            self.evaluate()
+
+    def _to_device(self, batch):
+        tokens = batch.tokens.to(self.dims.device, non_blocking=True)
+        labels = batch.labels.to(self.dims.device) if self.layout.prefix_len else None
+        return self.layout.build(tokens, labels)
+
+    def train_step(self, batch) -> tuple[dict, torch.Tensor]:
+        """One optimizer step over this rank's share of a global batch."""
+        start = time.perf_counter()
+        self.engine.train()
+        input_ids, targets = self._to_device(batch)  # [b, S], [b, Nt]
+        stats = torch.zeros(2 + self.layout.generation_steps, dtype=torch.float64)
+        for i in range(self.accum):
+            rows = slice(i * self.micro, (i + 1) * self.micro)
+            token_loss = self.engine(input_ids[rows], targets[rows])  # [m, Nt]
+            self.engine.backward(token_loss.mean())
+            self.engine.step()
+            per_block = token_loss.detach().view(self.micro, -1, self.layout.block_len)
+            stats[2:] += per_block.mean(dim=(0, 2)).double().cpu()
+        stats[0] = stats[2:].mean()
+        stats = _all_reduce_mean(stats / self.accum, self.dims.dp_group, self.dims.dp)
+        return self._record(stats[0].item(), time.perf_counter() - start, batch), stats[2:]
+
+    def _record(self, loss: float, seconds: float, batch) -> dict:
+        from nbp_mega.data.loader import batch_digest
+        from nbp_mega.metrics import peak_memory_gb
+
+        tokens = self.cfg.train.global_batch * self.layout.num_targets
+        tflops = self.flops_per_token * tokens / seconds / 1e12 / self.dims.world_size
+        grad_norm = self.engine.get_global_grad_norm()
+        return {
+            "loss": loss,
+            "lr": self.engine.get_lr()[0],
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "tokens_per_s": tokens / seconds,
+            "tflops_per_device": tflops,
+            "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
+            "step_seconds": seconds,
+            "memory_gb": peak_memory_gb(self.dims.device),
+            "batch_digest": batch_digest(batch.global_keys),
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean validation loss per target token over train.eval_batches global batches."""
+        from nbp_mega.data.loader import eval_batches
+
+        if self.val_index is None:
+            return None
+        self.engine.eval()
+        total = torch.zeros(2, dtype=torch.float64)
+        for batch in eval_batches(self.val_index, batch_size=self.cfg.train.global_batch,
+                                  dp_rank=self.dims.dp_rank, dp_size=self.dims.dp,
+                                  max_batches=self.cfg.train.eval_batches,
+                                  grid=tuple(self.cfg.model.grid),
+                                  vocab_size=self.cfg.model.vocab_size):
+            input_ids, targets = self._to_device(batch)
+            for rows in torch.split(torch.arange(input_ids.shape[0]), self.micro):
+                token_loss = self.engine(input_ids[rows], targets[rows])
+                total += torch.tensor([token_loss.double().sum().item(), token_loss.numel()],
+                                      dtype=torch.float64)
+        if self.dims.dp > 1:
+            dist.all_reduce(total, group=self.dims.dp_group)
+        val_loss = (total[0] / total[1]).item()
+        self.metrics.log_eval(self.step, val_loss)
+        return val_loss
