@@ -19,7 +19,7 @@ $(STAMP): requirements.txt setup.py pyproject.toml
 
 # Synthetic token shards -> ZeRO-3 on 2 CPU ranks -> validation loss vs unigram entropy.
 demo: install
-	$(BIN)/python -m nbp_mega.data.synthetic data/synthetic
+	$(BIN)/python -m nbp_mega.data.synthetic data/synthetic --grid 5 8 8 --vocab 64 --classes 4
 	rm -rf runs/demo
 	PYTHON=$(BIN)/python NPROC_PER_NODE=2 bash launch.sh configs/tiny.yaml run_dir=runs/demo
 	$(BIN)/python tools/summarize_run.py runs/demo --manifest data/synthetic/manifest.json

@@ -16,8 +16,7 @@ from typing import Any
 
 import yaml
 
-from nbp_mega.config_fields import (ConfigError, check, deep_merge, merge, option,
-                                    parse_overrides)
+from nbp_mega.config_fields import ConfigError, check, deep_merge, merge, option, parse_overrides
 from nbp_mega.data.loader import DataConfig
 from nbp_mega.metrics import LogConfig
 from nbp_mega.model.config import ModelConfig

@@ -77,7 +77,7 @@ def test_warmup_then_cosine():
     assert factors[10] == pytest.approx(1.0)
     assert factors[60] == pytest.approx(0.55)  # half way down the cosine
     assert factors[110] == pytest.approx(0.1) and factors[119] == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:], strict=False))
 
 
 def test_metrics_truncated_to_resumed_step(tmp_path):

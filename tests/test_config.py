@@ -40,8 +40,11 @@ def test_cross_field_errors():
 
 
 def test_overrides_parse_yaml_values():
-    assert parse_overrides(["a.b=3", "a.c=[1, 2]", "d=true", "e=1e-3"]) == {
-        "a": {"b": 3, "c": [1, 2]}, "d": True, "e": 1e-3}
+    assert parse_overrides(["a.b=3", "a.c=[1, 2]", "d=true", "e=0.5"]) == {
+        "a": {"b": 3, "c": [1, 2]}, "d": True, "e": 0.5}
+    assert load_config(None, ["optim.lr=1e-3"]).optim.lr == 1e-3  # YAML 1.1 says "1e-3"
+    with pytest.raises(ConfigError, match="optim.lr"):
+        load_config(None, ["optim.lr=fast"])
     with pytest.raises(ConfigError, match="key.sub=value"):
         parse_overrides(["novalue"])
 

@@ -79,7 +79,7 @@ def test_zero3_on_two_ranks_matches_zero0_in_one_process(shards, tmp_path):
          *overrides(shards, z0, "parallel.zero_stage=0")], cwd=tmp_path)
     a, b = train_records(z3), train_records(z0)
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 7))
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=True):
         assert ra["batch_digest"] == rb["batch_digest"]  # same data whatever the dp size
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5, abs=1e-6)
         assert ra["lr"] == pytest.approx(rb["lr"], rel=1e-9)
@@ -104,7 +104,7 @@ def test_resume_continues_exactly(shards, tmp_path):
     run([*launch, *overrides(shards, resumed, *common)], cwd=tmp_path, NPROC_PER_NODE="2")
     a, b = train_records(full), train_records(resumed)
     assert [r["step"] for r in b] == list(range(1, 7))
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=True):
         for key in ("loss", "lr", "grad_norm", "batch_digest"):
             assert ra[key] == rb[key], (ra["step"], key)
     state = json.loads((resumed / "checkpoints" / "step_00000006" /

@@ -29,7 +29,7 @@ class BlockLayout:
         for name, value in (("model.grid", self.grid), ("model.block_shape", self.block)):
             if len(value) != 3 or any(int(v) < 1 for v in value):
                 raise ConfigError(f"{name}={list(value)}: expected 3 positive ints (T, H, W)")
-        if any(g % b for g, b in zip(self.grid, self.block)):
+        if any(g % b for g, b in zip(self.grid, self.block, strict=True)):
             raise ConfigError(
                 f"model.block_shape={list(self.block)} does not tile model.grid="
                 f"{list(self.grid)}: each block dimension must divide the grid dimension")

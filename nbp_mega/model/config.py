@@ -53,7 +53,7 @@ class ModelConfig:
                                      "(must be divisible by parallel.tensor)", min=1)
     activation_checkpointing: bool = option(False, "recompute each layer in backward")
 
-    def resolved(self) -> "ModelConfig":
+    def resolved(self) -> ModelConfig:
         """A copy with layers/hidden/heads/ffn_hidden filled in from the size table."""
         from dataclasses import replace
 

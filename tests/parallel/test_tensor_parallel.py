@@ -53,4 +53,4 @@ def test_tp2_matches_tp1(tmp_path):
             assert grads1.keys() == grads2.keys()
             for name in grads1:
                 torch.testing.assert_close(grads2[name], grads1[name], atol=1e-5, rtol=1e-5,
-                                           msg=lambda m, n=name: f"{family} {n}: {m}")
+                                           msg=lambda m, n=name, f=family: f"{f} {n}: {m}")
