@@ -94,6 +94,7 @@ class Trainer:
         start = time.perf_counter()
         self.engine.train()
         input_ids, targets = self._to_device(batch)  # [b, S], [b, Nt]
+        lr = self.engine.get_lr()[0]  # the rate this step uses (the scheduler moves on)
         stats = torch.zeros(2 + self.layout.generation_steps, dtype=torch.float64)
         for i in range(self.accum):
             rows = slice(i * self.micro, (i + 1) * self.micro)
@@ -104,9 +105,9 @@ class Trainer:
             stats[2:] += per_block.mean(dim=(0, 2)).double().cpu()
         stats[0] = stats[2:].mean()
         stats = _all_reduce_mean(stats / self.accum, self.dims.dp_group, self.dims.dp)
-        return self._record(stats[0].item(), time.perf_counter() - start, batch), stats[2:]
+        return self._record(stats[0].item(), lr, time.perf_counter() - start, batch), stats[2:]
 
-    def _record(self, loss: float, seconds: float, batch) -> dict:
+    def _record(self, loss: float, lr: float, seconds: float, batch) -> dict:
         from nbp_mega.data.loader import batch_digest
         from nbp_mega.metrics import peak_memory_gb
 
@@ -115,7 +116,7 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         return {
             "loss": loss,
-            "lr": self.engine.get_lr()[0],
+            "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens_per_s": tokens / seconds,
             "tflops_per_device": tflops,

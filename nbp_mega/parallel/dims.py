@@ -104,8 +104,10 @@ def init_parallel(cfg: ParallelConfig) -> ParallelDims:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ:  # a plain single-process run
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ["MASTER_PORT"] = str(_free_port())
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        # DeepSpeed reads these from the environment even when we created the group.
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size),
+                          LOCAL_RANK=str(local_rank))
         dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(minutes=cfg.timeout_minutes))
     return _build_groups(cfg, device, local_rank)
