@@ -10,6 +10,7 @@ picklable value; results come back ordered by rank. A rank that raises, dies or 
 
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 import os
 import queue
@@ -32,9 +33,19 @@ def _entry(fn, rank, world_size, port, args, results, env):
         import torch
 
         torch.set_num_threads(1)
-        results.put((rank, True, fn(*args)))
+        # Sent as bytes: tensors pickled directly travel through shared memory that vanishes
+        # when this process exits before the parent has read them.
+        buffer = io.BytesIO()
+        torch.save(fn(*args), buffer)
+        results.put((rank, True, buffer.getvalue()))
     except BaseException:  # report everything, including SystemExit from a CLI
         results.put((rank, False, traceback.format_exc()))
+
+
+def _load(data: bytes):
+    import torch
+
+    return torch.load(io.BytesIO(data), weights_only=False)
 
 
 def run_distributed(fn, world_size: int, args: tuple = (), *, timeout: float = 300,
@@ -61,7 +72,7 @@ def run_distributed(fn, world_size: int, args: tuple = (), *, timeout: float = 3
                 continue
             if not ok:
                 raise RuntimeError(f"rank {rank} failed:\n{value}")
-            out[rank] = value
+            out[rank] = _load(value)
     finally:
         for p in procs:
             p.join(timeout=10)

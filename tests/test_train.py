@@ -39,8 +39,13 @@ def overrides(shards, run_dir, *extra) -> list[str]:
             "log.progress=false", "optim.warmup_steps=2", *extra]
 
 
+# What a job of ours leaves in os.environ when tests run one in this process.
+JOB_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def run(cmd: list[str], cwd, **env) -> None:
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, **env}
+    full_env = {k: v for k, v in os.environ.items() if k not in JOB_VARS}
+    full_env.update({"OMP_NUM_THREADS": "1", "PYTHON": sys.executable, **env})
     proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True,
                           timeout=900)
     if proc.returncode:

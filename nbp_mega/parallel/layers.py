@@ -107,6 +107,9 @@ def gather_tp_state(module: nn.Module, tp: TensorParallel,
     tensors = module.state_dict() if tensors is None else tensors
     out = {}
     for name, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor):  # megatron's `_extra_state` entries
+            out[name] = tensor
+            continue
         tensor = tensor.detach()
         p = params.get(name)
         if p is not None and is_tp_sharded(p) and tp.size > 1:
@@ -126,5 +129,5 @@ def shard_tp_state(module: nn.Module, full: dict[str, torch.Tensor],
         p = params.get(name)
         if p is not None and is_tp_sharded(p):
             tensor = tensor.chunk(tp.size, dim=p.partition_dim)[tp.rank]
-        out[name] = tensor.clone()
+        out[name] = tensor.clone() if isinstance(tensor, torch.Tensor) else tensor
     return out
