@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     model = model.to(dims.device)
     counts = full_parameter_counts(model)
     torch.manual_seed(cfg.seed + 1 + dims.dp_rank)  # dropout differs across data-parallel ranks
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim, cpu_offload=cfg.parallel.offload_optimizer)
     engine = build_engine(model, optimizer, build_scheduler(optimizer, cfg.optim,
                                                             cfg.train.steps), cfg, dims)
     matmul = counts["non_embedding"] + model.head.linear.weight.numel() * dims.tp

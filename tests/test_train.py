@@ -71,29 +71,41 @@ exec bash -c "$*"
 
 
 def test_zero3_on_two_ranks_matches_zero0_in_one_process(shards, tmp_path):
-    """`deepspeed --hostfile hosts launch.sh ...` exactly as cluster users type it."""
+    """`deepspeed --hostfile hosts launch.sh ...` exactly as cluster users type it.
+
+    Same global batch of 8 everywhere: ZeRO-3 over 2 ranks (micro batch 4), ZeRO-0 in one
+    process with 2 accumulation steps, ZeRO-3 with the optimizer offloaded to the CPU, bf16.
+    """
     (tmp_path / "hosts").write_text("localhost slots=2\n")
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "ssh").write_text(FAKE_SSH)
     (tmp_path / "bin" / "ssh").chmod(0o755)
-    z3, z0 = tmp_path / "z3", tmp_path / "z0"
+    runs = {name: tmp_path / name for name in ("z3", "z0", "offload", "bf16")}
     run([f"{BIN}/deepspeed", "--hostfile", "hosts", f"{ROOT}/launch.sh",
-         f"{ROOT}/configs/tiny.yaml", *overrides(shards, z3, "parallel.zero_stage=3")],
+         f"{ROOT}/configs/tiny.yaml", *overrides(shards, runs["z3"], "parallel.zero_stage=3")],
         cwd=tmp_path, PATH=f"{tmp_path}/bin:{BIN}:{os.environ['PATH']}")
-    run([sys.executable, "-m", "nbp_mega.train", f"{ROOT}/configs/tiny.yaml",
-         *overrides(shards, z0, "parallel.zero_stage=0")], cwd=tmp_path)
-    a, b = train_records(z3), train_records(z0)
-    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 7))
-    for ra, rb in zip(a, b, strict=True):
-        assert ra["batch_digest"] == rb["batch_digest"]  # same data whatever the dp size
-        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5, abs=1e-6)
-        assert ra["lr"] == pytest.approx(rb["lr"], rel=1e-9)
+    single = {"z0": ["parallel.zero_stage=0", "train.micro_batch=4"],
+              "offload": ["parallel.zero_stage=3", "parallel.offload_optimizer=true"],
+              "bf16": ["parallel.zero_stage=3", "train.precision=bf16"]}
+    for name, extra in single.items():
+        run([sys.executable, "-m", "nbp_mega.train", f"{ROOT}/configs/tiny.yaml",
+             *overrides(shards, runs[name], *extra)], cwd=tmp_path)
+    records = {name: train_records(path) for name, path in runs.items()}
+    a = records["z3"]
+    assert [r["step"] for r in a] == list(range(1, 7))
+    for name, rel in (("z0", 1e-5), ("offload", 1e-5), ("bf16", 1e-2)):
+        b = records[name]
+        assert [r["step"] for r in b] == list(range(1, 7)), name
+        for ra, rb in zip(a, b, strict=True):
+            assert ra["batch_digest"] == rb["batch_digest"]  # same data whatever the dp size
+            assert ra["loss"] == pytest.approx(rb["loss"], rel=rel), (name, ra["step"])
+            assert ra["lr"] == pytest.approx(rb["lr"], rel=1e-9)
     assert a[-1]["loss"] < a[0]["loss"]
     for key in ("grad_norm", "tokens_per_s", "mfu", "memory_gb"):
         assert a[0][key] > 0
-    assert (z3 / "checkpoints" / "latest").read_text() == "step_00000006"
-    assert os.listdir(z3 / "tensorboard")
-    evals = read_metrics(os.path.join(z3, "metrics.jsonl"))[1]
+    assert (runs["z3"] / "checkpoints" / "latest").read_text() == "step_00000006"
+    assert os.listdir(runs["z3"] / "tensorboard")
+    evals = read_metrics(os.path.join(runs["z3"], "metrics.jsonl"))[1]
     assert [e["step"] for e in evals] == [3, 6]
 
 
