@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 import torch
 
@@ -30,6 +31,13 @@ def parse_args(argv: list[str]) -> tuple[str, list[str]]:
         print(__doc__.strip(), file=sys.stderr)
         sys.exit(2)
     return args[0], args[1:]
+
+
+def quiet_third_party_warnings() -> None:
+    """Known, harmless warnings that would otherwise repeat on every rank and step."""
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.(all_gather_into_tensor|"
+                            r"reduce_scatter_tensor)` is deprecated", category=FutureWarning)
 
 
 def setup_logging(rank: int) -> None:
@@ -53,29 +61,14 @@ def check_resume_compatible(saved: dict, cfg) -> None:
                           f"({details}); use a new run_dir or the same model settings")
 
 
-def build_data(cfg, dims):
-    from nbp_mega.config_fields import ConfigError
-    from nbp_mega.data.loader import TokenLoader
-    from nbp_mega.data.shards import ShardIndex, expand_shards
-
-    if not cfg.data.shards:
-        raise ConfigError("data.shards is empty: give a directory, glob or brace pattern of "
-                          "token shards (python -m nbp_mega.data.synthetic OUT makes some)")
-    index = ShardIndex.build(expand_shards(cfg.data.shards))
-    val_index = (ShardIndex.build(expand_shards(cfg.data.val_shards))
-                 if cfg.data.val_shards else None)
-    loader = TokenLoader(index, global_batch=cfg.train.global_batch, dp_rank=dims.dp_rank,
-                         dp_size=dims.dp, seed=cfg.seed, grid=tuple(cfg.model.grid),
-                         vocab_size=cfg.model.vocab_size, shuffle=cfg.data.shuffle,
-                         num_workers=cfg.data.num_workers)
-    return loader, val_index
-
-
 def main(argv: list[str] | None = None) -> None:
     import json
 
+    quiet_third_party_warnings()  # before megatron and deepspeed are imported
+
     from nbp_mega.checkpoint import Checkpointer
     from nbp_mega.config import dump_config, load_config
+    from nbp_mega.data.loader import build_loaders
     from nbp_mega.info import full_parameter_counts, training_flops_per_token
     from nbp_mega.metrics import MetricsLogger, measure_matmul_tflops
     from nbp_mega.model import NBPTransformer
@@ -96,7 +89,11 @@ def main(argv: list[str] | None = None) -> None:
             check_resume_compatible(json.load(f)["config"], cfg)
     if dims.is_main:
         dump_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
-    loader, val_index = build_data(cfg, dims)  # bad shards fail before the expensive set-up
+    # Bad shards fail here, before the expensive set-up.
+    loader, val_index = build_loaders(cfg.data, seed=cfg.seed, global_batch=cfg.train.global_batch,
+                                      dp_rank=dims.dp_rank, dp_size=dims.dp,
+                                      grid=tuple(cfg.model.grid),
+                                      vocab_size=cfg.model.vocab_size)
 
     torch.manual_seed(cfg.seed)  # same on every rank: TP shards are cut from one full init
     model = NBPTransformer(cfg.model, TensorParallel(dims, init_std=cfg.model.init_std))

@@ -1,0 +1,44 @@
+"""The training entry point's argument handling and its early, clear failures."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from nbp_mega.config import load_config, to_dict
+from nbp_mega.config_fields import ConfigError
+from nbp_mega.data.shards import ShardError
+from nbp_mega.train import check_resume_compatible, main, parse_args
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.yaml")
+
+
+def test_deepspeed_local_rank_argument_is_consumed(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert parse_args(["--local_rank=1", TINY, "train.steps=3"]) == (TINY, ["train.steps=3"])
+    assert os.environ["LOCAL_RANK"] == "1"
+    assert parse_args([TINY, "--local_rank", "0"]) == (TINY, [])
+
+
+def test_missing_shards_fail_before_training(dims, tmp_path):
+    with pytest.raises(ShardError, match="shard-"):
+        main([TINY, f"run_dir={tmp_path}", f"data.shards={tmp_path}/shard-{{000..003}}.tar"])
+    with pytest.raises(ConfigError, match="data.shards is empty"):
+        main([TINY, f"run_dir={tmp_path}", "data.shards="])
+
+
+def test_unknown_key_fails(dims, tmp_path):
+    with pytest.raises(ConfigError, match="train.stepz"):
+        main([TINY, f"run_dir={tmp_path}", "train.stepz=3"])
+
+
+def test_resume_refuses_another_model():
+    saved = to_dict(load_config(TINY))
+    other = load_config(TINY, ["model.block_shape=[1,2,4]", "model.hidden=64"])
+    with pytest.raises(ConfigError) as e:
+        check_resume_compatible(saved, other)
+    assert "model.block_shape: checkpoint [1, 1, 8] vs [1, 2, 4]" in str(e.value)
+    assert "model.hidden: checkpoint 128 vs 64" in str(e.value)
+    check_resume_compatible(saved, load_config(TINY, ["train.steps=5"]))
