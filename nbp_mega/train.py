@@ -47,12 +47,19 @@ def setup_logging(rank: int) -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
-def check_resume_compatible(saved: dict, cfg) -> None:
-    """A run directory holds one model: refuse to resume it with another architecture."""
+def check_resume_compatible(state: dict, cfg, dims) -> None:
+    """Refuse, with the reason, to resume a checkpoint this job cannot load."""
     from nbp_mega.config import to_dict
     from nbp_mega.config_fields import ConfigError
 
-    now = to_dict(cfg)["model"]
+    layout = state.get("layout", {})
+    if layout and (layout["tp"], layout["dp"]) != (dims.tp, dims.dp):
+        raise ConfigError(
+            f"the checkpoint in {cfg.run_dir} was written by tp={layout['tp']} x "
+            f"dp={layout['dp']} ranks, this job is tp={dims.tp} x dp={dims.dp}: DeepSpeed's "
+            "ZeRO shards only load on the same layout; restart with that many processes and "
+            "parallel.tensor")
+    saved, now = state["config"], to_dict(cfg)["model"]
     diff = [k for k in now if saved["model"].get(k) != now[k]]
     if diff:
         details = ", ".join(f"model.{k}: checkpoint {saved['model'].get(k)!r} vs {now[k]!r}"
@@ -86,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     resume = checkpointer.latest()
     if resume:
         with open(os.path.join(checkpointer.dir, resume, "trainer_state.json")) as f:
-            check_resume_compatible(json.load(f)["config"], cfg)
+            check_resume_compatible(json.load(f), cfg, dims)
     if dims.is_main:
         dump_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
     # Bad shards fail here, before the expensive set-up.

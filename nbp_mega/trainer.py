@@ -60,7 +60,8 @@ class Trainer:
         from nbp_mega.config import to_dict
 
         return {"step": self.step, "consumed_samples": self.step * self.cfg.train.global_batch,
-                "data": self.loader.state_dict(), "config": to_dict(self.cfg)}
+                "data": self.loader.state_dict(), "config": to_dict(self.cfg),
+                "layout": {"tp": self.dims.tp, "dp": self.dims.dp}}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
@@ -95,17 +96,19 @@ class Trainer:
         self.engine.train()
         input_ids, targets = self._to_device(batch)  # [b, S], [b, Nt]
         lr = self.engine.get_lr()[0]  # the rate this step uses (the scheduler moves on)
-        stats = torch.zeros(2 + self.layout.generation_steps, dtype=torch.float64)
+        block_loss = torch.zeros(self.layout.num_target_blocks, dtype=torch.float64,
+                                 device=self.dims.device)  # [nb]; no host sync per micro step
         for i in range(self.accum):
             rows = slice(i * self.micro, (i + 1) * self.micro)
             token_loss = self.engine(input_ids[rows], targets[rows])  # [m, Nt]
             self.engine.backward(token_loss.mean())
             self.engine.step()
             per_block = token_loss.detach().view(self.micro, -1, self.layout.block_len)
-            stats[2:] += per_block.mean(dim=(0, 2)).double().cpu()
-        stats[0] = stats[2:].mean()
-        stats = _all_reduce_mean(stats / self.accum, self.dims.dp_group, self.dims.dp)
-        return self._record(stats[0].item(), lr, time.perf_counter() - start, batch), stats[2:]
+            block_loss += per_block.mean(dim=(0, 2)).double()
+        block_loss = _all_reduce_mean(block_loss / self.accum, self.dims.dp_group, self.dims.dp)
+        block_loss = block_loss.cpu()
+        seconds = time.perf_counter() - start
+        return self._record(block_loss.mean().item(), lr, seconds, batch), block_loss
 
     def _record(self, loss: float, lr: float, seconds: float, batch) -> dict:
         from nbp_mega.data.loader import batch_digest

@@ -34,11 +34,14 @@ def test_unknown_key_fails(dims, tmp_path):
         main([TINY, f"run_dir={tmp_path}", "train.stepz=3"])
 
 
-def test_resume_refuses_another_model():
-    saved = to_dict(load_config(TINY))
+def test_resume_refuses_another_model_or_layout(dims):
+    state = {"config": to_dict(load_config(TINY)), "layout": {"tp": 1, "dp": 1}}
     other = load_config(TINY, ["model.block_shape=[1,2,4]", "model.hidden=64"])
     with pytest.raises(ConfigError) as e:
-        check_resume_compatible(saved, other)
+        check_resume_compatible(state, other, dims)
     assert "model.block_shape: checkpoint [1, 1, 8] vs [1, 2, 4]" in str(e.value)
     assert "model.hidden: checkpoint 128 vs 64" in str(e.value)
-    check_resume_compatible(saved, load_config(TINY, ["train.steps=5"]))
+    check_resume_compatible(state, load_config(TINY, ["train.steps=5"]), dims)
+    state["layout"]["dp"] = 2
+    with pytest.raises(ConfigError, match="tp=1 x dp=2 ranks, this job is tp=1 x dp=1"):
+        check_resume_compatible(state, load_config(TINY), dims)

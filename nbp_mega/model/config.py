@@ -65,10 +65,6 @@ class ModelConfig:
             cfg = replace(cfg, ffn_hidden=ffn)
         return cfg
 
-    @property
-    def head_dim(self) -> int:
-        return self.resolved().hidden // self.resolved().heads
-
     def validate(self) -> None:
         for key in ("grid", "block_shape"):
             value = getattr(self, key)

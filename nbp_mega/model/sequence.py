@@ -40,9 +40,13 @@ class SequenceLayout:
         self.num_targets = self.num_video_inputs + start
 
     @property
-    def generation_steps(self) -> int:
-        """Forward passes to generate a clip from its conditioning (one per block)."""
+    def num_target_blocks(self) -> int:
         return self.num_targets // self.block_len
+
+    @property
+    def generation_steps(self) -> int:
+        """Forward passes to generate a clip from its conditioning (one per target block)."""
+        return self.num_target_blocks
 
     def build(self, tokens: torch.Tensor, labels: torch.Tensor | None = None):
         """tokens [B, T, H, W], labels [B] -> input_ids [B, S], targets [B, Nt]."""
