@@ -74,13 +74,14 @@ def test_zero3_on_two_ranks_matches_zero0_in_one_process(shards, tmp_path):
     """`deepspeed --hostfile hosts launch.sh ...` exactly as cluster users type it.
 
     Same global batch of 8 everywhere: ZeRO-3 over 2 ranks (micro batch 4), ZeRO-0 in one
-    process with 2 accumulation steps, ZeRO-3 with the optimizer offloaded to the CPU, bf16.
+    process with 2 accumulation steps, ZeRO-3 with the optimizer offloaded to the CPU, bf16,
+    and tensor parallelism 2 with ZeRO-3 (torchrun through `bash launch.sh`).
     """
     (tmp_path / "hosts").write_text("localhost slots=2\n")
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "ssh").write_text(FAKE_SSH)
     (tmp_path / "bin" / "ssh").chmod(0o755)
-    runs = {name: tmp_path / name for name in ("z3", "z0", "offload", "bf16")}
+    runs = {name: tmp_path / name for name in ("z3", "z0", "offload", "bf16", "tp2")}
     run([f"{BIN}/deepspeed", "--hostfile", "hosts", f"{ROOT}/launch.sh",
          f"{ROOT}/configs/tiny.yaml", *overrides(shards, runs["z3"], "parallel.zero_stage=3")],
         cwd=tmp_path, PATH=f"{tmp_path}/bin:{BIN}:{os.environ['PATH']}")
@@ -90,10 +91,13 @@ def test_zero3_on_two_ranks_matches_zero0_in_one_process(shards, tmp_path):
     for name, extra in single.items():
         run([sys.executable, "-m", "nbp_mega.train", f"{ROOT}/configs/tiny.yaml",
              *overrides(shards, runs[name], *extra)], cwd=tmp_path)
+    run(["bash", f"{ROOT}/launch.sh", f"{ROOT}/configs/tiny.yaml",
+         *overrides(shards, runs["tp2"], "parallel.tensor=2", "parallel.zero_stage=3")],
+        cwd=tmp_path, NPROC_PER_NODE="2")
     records = {name: train_records(path) for name, path in runs.items()}
     a = records["z3"]
     assert [r["step"] for r in a] == list(range(1, 7))
-    for name, rel in (("z0", 1e-5), ("offload", 1e-5), ("bf16", 1e-2)):
+    for name, rel in (("z0", 1e-5), ("offload", 1e-5), ("tp2", 1e-5), ("bf16", 1e-2)):
         b = records[name]
         assert [r["step"] for r in b] == list(range(1, 7)), name
         for ra, rb in zip(a, b, strict=True):
