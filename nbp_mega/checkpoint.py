@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from nbp_mega.parallel.deepspeed import load_universal_checkpoint
+
 log = logging.getLogger("nbp_mega.checkpoint")
 _NAME = re.compile(r"^step_(\d{8})$")
 
@@ -50,6 +52,9 @@ def _write_atomic(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+UNIVERSAL = "universal"  # sub-folder of a checkpoint: DeepSpeed's layout-free copy
 
 
 class Checkpointer:
@@ -95,11 +100,29 @@ class Checkpointer:
         log.info("saved checkpoint %s", os.path.join(self.dir, name))
         return name
 
-    def load(self, engine, name: str) -> dict:
+    def make_universal(self, name: str, convert) -> None:
+        """Give checkpoint `name` a universal copy (name/universal) that loads on any dp.
+
+        Rank 0 converts once (`convert(src, dst)`), into a partial folder renamed when done.
+        """
+        final = os.path.join(self.dir, name, UNIVERSAL)
+        if self.rank == 0 and not os.path.isdir(final):
+            partial = f"{final}.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            log.info("converting %s to a universal checkpoint for another data-parallel size",
+                     os.path.join(self.dir, name))
+            convert(os.path.join(self.dir, name), partial)
+            os.rename(partial, final)
+        dist.barrier()
+
+    def load(self, engine, name: str, *, universal: bool = False) -> dict:
         """Restore engine and RNG from checkpoint `name`; return the trainer state."""
         path = os.path.join(self.dir, name)
-        load_path, _ = engine.load_checkpoint(self.dir, tag=name, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+        if universal:
+            load_path = load_universal_checkpoint(engine, os.path.join(path, UNIVERSAL))
+        else:
+            load_path, _ = engine.load_checkpoint(self.dir, tag=name, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}")
         with open(os.path.join(path, "trainer_state.json")) as f:

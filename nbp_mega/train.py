@@ -47,18 +47,26 @@ def setup_logging(rank: int) -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
-def check_resume_compatible(state: dict, cfg, dims) -> None:
-    """Refuse, with the reason, to resume a checkpoint this job cannot load."""
+def check_resume_compatible(state: dict, cfg, dims) -> bool:
+    """Refuse, with the reason, to resume a checkpoint this job cannot load.
+
+    Returns whether the checkpoint was written on another data-parallel size (it then loads
+    through DeepSpeed's universal format).
+    """
     from nbp_mega.config import to_dict
     from nbp_mega.config_fields import ConfigError
 
     layout = state.get("layout", {})
-    if layout and (layout["tp"], layout["dp"]) != (dims.tp, dims.dp):
+    if layout and layout["tp"] != dims.tp:
         raise ConfigError(
-            f"the checkpoint in {cfg.run_dir} was written by tp={layout['tp']} x "
-            f"dp={layout['dp']} ranks, this job is tp={dims.tp} x dp={dims.dp}: DeepSpeed's "
-            "ZeRO shards only load on the same layout; restart with that many processes and "
-            "parallel.tensor")
+            f"the checkpoint in {cfg.run_dir} was written with parallel.tensor={layout['tp']}, "
+            f"this job has {dims.tp}: changing tensor parallelism on resume is not supported "
+            f"yet; restart with parallel.tensor={layout['tp']} (any data-parallel size works)")
+    for key, now in (("zero_stage", cfg.parallel.zero_stage), ("precision", cfg.train.precision)):
+        if key in layout and layout[key] != now:
+            raise ConfigError(f"the checkpoint in {cfg.run_dir} was written with {key}="
+                              f"{layout[key]!r}, this job has {now!r}; resume with the "
+                              f"checkpoint's setting")
     saved, now = state["config"], to_dict(cfg)["model"]
     diff = [k for k in now if saved["model"].get(k) != now[k]]
     if diff:
@@ -66,6 +74,7 @@ def check_resume_compatible(state: dict, cfg, dims) -> None:
                             for k in diff)
         raise ConfigError(f"run_dir {cfg.run_dir} holds a checkpoint of a different model "
                           f"({details}); use a new run_dir or the same model settings")
+    return bool(layout) and layout["dp"] != dims.dp
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -80,7 +89,11 @@ def main(argv: list[str] | None = None) -> None:
     from nbp_mega.metrics import MetricsLogger, measure_matmul_tflops
     from nbp_mega.model import NBPTransformer
     from nbp_mega.optim import build_optimizer, build_scheduler
-    from nbp_mega.parallel.deepspeed import build_engine
+    from nbp_mega.parallel.deepspeed import (
+        build_engine,
+        convert_to_universal,
+        needs_universal_checkpoint,
+    )
     from nbp_mega.parallel.dims import init_parallel, shutdown_parallel
     from nbp_mega.parallel.layers import TensorParallel
     from nbp_mega.trainer import Trainer
@@ -90,17 +103,20 @@ def main(argv: list[str] | None = None) -> None:
     dims = init_parallel(cfg.parallel)
     setup_logging(dims.rank)
     checkpointer = Checkpointer(cfg.run_dir, keep_last=cfg.train.keep_last, rank=dims.rank)
-    resume = checkpointer.latest()
+    resume, saved_streams, universal = checkpointer.latest(), 0, False
     if resume:
         with open(os.path.join(checkpointer.dir, resume, "trainer_state.json")) as f:
-            check_resume_compatible(json.load(f), cfg, dims)
+            saved = json.load(f)
+        universal = check_resume_compatible(saved, cfg, dims) and needs_universal_checkpoint(cfg)
+        saved_streams = saved["data"].get("num_streams", 0)
     if dims.is_main:
         dump_config(cfg, os.path.join(cfg.run_dir, "config.yaml"))
     # Bad shards fail here, before the expensive set-up.
     loader, val_index = build_loaders(cfg.data, seed=cfg.seed, global_batch=cfg.train.global_batch,
                                       dp_rank=dims.dp_rank, dp_size=dims.dp,
                                       grid=tuple(cfg.model.grid),
-                                      vocab_size=cfg.model.vocab_size)
+                                      vocab_size=cfg.model.vocab_size,
+                                      saved_streams=saved_streams)
 
     torch.manual_seed(cfg.seed)  # same on every rank: TP shards are cut from one full init
     model = NBPTransformer(cfg.model, TensorParallel(dims, init_std=cfg.model.init_std))
@@ -109,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(cfg.seed + 1 + dims.dp_rank)  # dropout differs across data-parallel ranks
     optimizer = build_optimizer(model, cfg.optim, cpu_offload=cfg.parallel.offload_optimizer)
     engine = build_engine(model, optimizer, build_scheduler(optimizer, cfg.optim,
-                                                            cfg.train.steps), cfg, dims)
+                                                            cfg.train.steps), cfg, dims,
+                          load_universal=universal)
     matmul = counts["non_embedding"] + model.head.linear.weight.numel() * dims.tp
     peak = cfg.log.peak_tflops or measure_matmul_tflops(dims.device)
     trainer = Trainer(cfg, dims=dims, engine=engine, layout=model.layout, loader=loader,
@@ -117,7 +134,9 @@ def main(argv: list[str] | None = None) -> None:
                       flops_per_token=training_flops_per_token(cfg.model, matmul),
                       peak_tflops=peak)
     if resume:
-        trainer.load_state_dict(checkpointer.load(engine, resume))
+        if universal:
+            checkpointer.make_universal(resume, convert_to_universal)
+        trainer.load_state_dict(checkpointer.load(engine, resume, universal=universal))
     log.info("model: %s parameters (%s non-embedding), %d tokens per clip, world %d = dp %d "
              "x tp %d", f"{counts['total']:,}", f"{counts['non_embedding']:,}",
              model.layout.num_targets, dims.world_size, dims.dp, dims.tp)

@@ -60,8 +60,20 @@ class Trainer:
         from nbp_mega.config import to_dict
 
         return {"step": self.step, "consumed_samples": self.step * self.cfg.train.global_batch,
-                "data": self.loader.state_dict(), "config": to_dict(self.cfg),
-                "layout": {"tp": self.dims.tp, "dp": self.dims.dp}}
+                "data": self._data_state(), "config": to_dict(self.cfg),
+                "layout": {"tp": self.dims.tp, "dp": self.dims.dp,
+                           "zero_stage": self.cfg.parallel.zero_stage,
+                           "precision": self.cfg.train.precision}}
+
+    def _data_state(self) -> dict:
+        """The position of every data stream: each data-parallel rank holds its own."""
+        from nbp_mega.data.stream import merge_states
+
+        states = [self.loader.state_dict()]
+        if self.dims.dp > 1:
+            states = [None] * self.dims.dp
+            dist.all_gather_object(states, self.loader.state_dict(), group=self.dims.dp_group)
+        return merge_states(states)
 
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
@@ -107,11 +119,22 @@ class Trainer:
             block_loss += per_block.mean(dim=(0, 2)).double()
         block_loss = _all_reduce_mean(block_loss / self.accum, self.dims.dp_group, self.dims.dp)
         block_loss = block_loss.cpu()
+        data = self._data_record(batch)
         seconds = time.perf_counter() - start
-        return self._record(block_loss.mean().item(), lr, seconds, batch), block_loss
+        return {**self._record(block_loss.mean().item(), lr, seconds), **data}, block_loss
 
-    def _record(self, loss: float, lr: float, seconds: float, batch) -> dict:
-        from nbp_mega.data.loader import batch_digest
+    def _data_record(self, batch) -> dict:
+        """The global batch's digest and the broken shards met so far, summed over ranks."""
+        from nbp_mega.data.stream import format_digest
+
+        sums = torch.tensor([batch.digest_part(), self.loader.skipped_shards],
+                            dtype=torch.int64, device=self.dims.device)
+        if self.dims.dp > 1:
+            dist.all_reduce(sums, group=self.dims.dp_group)
+        digest, skipped = sums.tolist()
+        return {"batch_digest": format_digest(digest), "data_skipped_shards": skipped}
+
+    def _record(self, loss: float, lr: float, seconds: float) -> dict:
         from nbp_mega.metrics import peak_memory_gb
 
         tokens = self.cfg.train.global_batch * self.layout.num_targets
@@ -126,7 +149,6 @@ class Trainer:
             "mfu": tflops / self.peak_tflops if self.peak_tflops else None,
             "step_seconds": seconds,
             "memory_gb": peak_memory_gb(self.dims.device),
-            "batch_digest": batch_digest(batch.global_keys),
         }
 
     @torch.no_grad()

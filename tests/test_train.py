@@ -131,3 +131,27 @@ def test_resume_continues_exactly(shards, tmp_path):
     state = json.loads((resumed / "checkpoints" / "step_00000006" /
                         "trainer_state.json").read_text())
     assert state["step"] == 6 and state["consumed_samples"] == 48
+
+
+def test_resume_on_another_data_parallel_size(shards, tmp_path):
+    """ZeRO-3 on 2 ranks stopped after step 3 and resumed by 1 process (through DeepSpeed's
+    universal checkpoint): steps 4-6 see exactly the batches of the uninterrupted 2-rank run
+    (same digests) and give its losses."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    launch = ["bash", f"{ROOT}/launch.sh", f"{ROOT}/configs/tiny.yaml"]
+    run([*launch, *overrides(shards, full)], cwd=tmp_path, NPROC_PER_NODE="2")
+    run([*launch, *overrides(shards, resumed, "train.stop_at=3")], cwd=tmp_path,
+        NPROC_PER_NODE="2")
+    run([sys.executable, "-m", "nbp_mega.train", f"{ROOT}/configs/tiny.yaml",
+         *overrides(shards, resumed)], cwd=tmp_path)
+    a, b = train_records(full), train_records(resumed)
+    assert [r["step"] for r in b] == list(range(1, 7))
+    assert [r["batch_digest"] for r in a] == [r["batch_digest"] for r in b]
+    assert len({r["batch_digest"] for r in a}) == 6
+    for ra, rb in zip(a[3:], b[3:], strict=True):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5), ra["step"]
+        assert ra["lr"] == pytest.approx(rb["lr"], rel=1e-9)
+    assert (resumed / "checkpoints" / "step_00000003" / "universal").is_dir()
+    state = json.loads((resumed / "checkpoints" / "step_00000006" /
+                        "trainer_state.json").read_text())
+    assert state["layout"]["dp"] == 1 and len(state["data"]["streams"]) == 4

@@ -35,13 +35,18 @@ def test_unknown_key_fails(dims, tmp_path):
 
 
 def test_resume_refuses_another_model_or_layout(dims):
-    state = {"config": to_dict(load_config(TINY)), "layout": {"tp": 1, "dp": 1}}
+    state = {"config": to_dict(load_config(TINY)),
+             "layout": {"tp": 1, "dp": 1, "zero_stage": 3, "precision": "fp32"}}
     other = load_config(TINY, ["model.block_shape=[1,2,4]", "model.hidden=64"])
     with pytest.raises(ConfigError) as e:
         check_resume_compatible(state, other, dims)
     assert "model.block_shape: checkpoint [1, 1, 8] vs [1, 2, 4]" in str(e.value)
     assert "model.hidden: checkpoint 128 vs 64" in str(e.value)
-    check_resume_compatible(state, load_config(TINY, ["train.steps=5"]), dims)
-    state["layout"]["dp"] = 2
-    with pytest.raises(ConfigError, match="tp=1 x dp=2 ranks, this job is tp=1 x dp=1"):
+    assert check_resume_compatible(state, load_config(TINY, ["train.steps=5"]), dims) is False
+    with pytest.raises(ConfigError, match="zero_stage=3, this job has 2"):
+        check_resume_compatible(state, load_config(TINY, ["parallel.zero_stage=2"]), dims)
+    state["layout"]["dp"] = 2  # another data-parallel size: loads (through universal)
+    assert check_resume_compatible(state, load_config(TINY), dims) is True
+    state["layout"]["tp"] = 2
+    with pytest.raises(ConfigError, match="parallel.tensor=2, this job has 1"):
         check_resume_compatible(state, load_config(TINY), dims)

@@ -1,14 +1,7 @@
-"""Training data: token shards on disk (shards.py), the stateful loader (loader.py), and
-synthetic token videos for the demo and tests (synthetic.py)."""
+"""Training data: token shards on disk (shards.py), the streaming loader (stream.py), its
+wiring and validation batches (loader.py), synthetic token videos for the demo and tests."""
 
-from nbp_mega.data.loader import (
-    Batch,
-    DataConfig,
-    TokenLoader,
-    batch_digest,
-    build_loaders,
-    eval_batches,
-)
+from nbp_mega.data.loader import DataConfig, build_loaders, eval_batches
 from nbp_mega.data.shards import (
     Sample,
     ShardError,
@@ -17,7 +10,8 @@ from nbp_mega.data.shards import (
     check_tokens,
     expand_shards,
 )
+from nbp_mega.data.stream import Batch, StreamLoader, StreamSpec, merge_states
 
-__all__ = ["Batch", "DataConfig", "Sample", "ShardError", "ShardIndex", "TokenLoader",
-           "batch_digest", "build_loaders", "check_meta", "check_tokens", "eval_batches",
-           "expand_shards"]
+__all__ = ["Batch", "DataConfig", "Sample", "ShardError", "ShardIndex", "StreamLoader",
+           "StreamSpec", "build_loaders", "check_meta", "check_tokens", "eval_batches",
+           "expand_shards", "merge_states"]

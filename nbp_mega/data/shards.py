@@ -176,7 +176,7 @@ def _sample_members(tar: tarfile.TarFile, path: str, file_size: int) -> dict:
     return members
 
 
-def _shard_names(paths: list[str]) -> list[str]:
+def shard_names(paths: list[str]) -> list[str]:
     """Display names unique across shards: paths relative to their common directory."""
     full = [os.path.abspath(p) for p in paths]
     seen = {}
@@ -213,7 +213,7 @@ class ShardIndex:
         """Read the tar headers of `paths` (not the data) and index their samples."""
         if not paths:
             raise ShardError("no shard files given to index")
-        names = _shard_names(paths)
+        names = shard_names(paths)
         shard, keys, spans = [], [], []
         for s, path in enumerate(paths):
             for key, *span in _scan_shard(path):

@@ -7,6 +7,7 @@ tensor-parallel shards stay whole per TP rank. DeepSpeed learns the groups from 
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from torch import nn
@@ -86,12 +87,66 @@ def deepspeed_config(cfg, dims: ParallelDims) -> dict:
     return deep_merge(ds, cfg.deepspeed)
 
 
+def needs_universal_checkpoint(cfg) -> bool:
+    """Whether a checkpoint must be converted to load on another data-parallel size.
+
+    ZeRO 1-3 (and bf16, whose DeepSpeed optimizer also partitions) save per-rank optimizer
+    shards; plain fp32 ZeRO-0 saves whole states that load on any dp.
+    """
+    return cfg.parallel.zero_stage > 0 or cfg.train.precision == "bf16"
+
+
+def convert_to_universal(checkpoint_dir: str, out_dir: str) -> None:
+    """DeepSpeed's universal checkpoint of `checkpoint_dir` (loadable on any dp) in out_dir."""
+    import argparse
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    args = argparse.Namespace(input_folder=checkpoint_dir, output_folder=out_dir,
+                              num_extract_workers=1, num_merge_workers=1,
+                              keep_temp_folder=False, strict=True, inject_missing_state=True)
+    ds_to_universal(args)
+
+
+def load_universal_checkpoint(engine, path: str) -> str | None:
+    """Load the universal checkpoint in `path`; returns the loaded path (None = failed).
+
+    Two repairs after DeepSpeed's ZeRO-3 universal loader: it gives every parameter group the
+    hyperparameters of group 0 (weight decay would reach biases and norms): put back each
+    group's own; and it gives all groups one shared Adam `step` tensor, which torch's Adam
+    increments in place once per group per step (wrong bias correction): give each its own.
+    """
+    load_path, _ = engine.load_checkpoint(os.path.dirname(path), tag=os.path.basename(path),
+                                          load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    state_file = os.path.join(path, "zero", "optimizer_state.pt")
+    if load_path is None or not os.path.exists(state_file):
+        return load_path
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for state in inner.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+    saved = torch.load(state_file, weights_only=False)["optimizer_state_dict"]["param_groups"]
+    groups = inner.param_groups
+    if len(saved) != len(groups):
+        raise RuntimeError(f"{state_file} has {len(saved)} optimizer parameter groups, the "
+                           f"optimizer {len(groups)}: cannot restore their hyperparameters")
+    for group, kept in zip(groups, saved, strict=True):
+        group.update({k: v for k, v in kept.items() if k != "params"})
+    return load_path
+
+
 def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, cfg,
-                 dims: ParallelDims):
-    """Wrap model + optimizer in a DeepSpeed engine (ZeRO over the data-parallel group)."""
+                 dims: ParallelDims, *, load_universal: bool = False):
+    """Wrap model + optimizer in a DeepSpeed engine (ZeRO over the data-parallel group).
+
+    load_universal: the engine will load a universal checkpoint (resuming on another dp).
+    """
     import deepspeed
 
     ds_config = deepspeed_config(cfg, dims)
+    if load_universal:
+        ds_config = deep_merge(ds_config, {"checkpoint": {"load_universal": True}})
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
         mpu=_Mpu(dims), dist_init_required=False)

@@ -1,136 +1,179 @@
-"""The training stream: layout-independent order, exact split over ranks, exact resume."""
+"""The training stream: order independent of dp and workers, epochs, exact resume on another
+dp, broken shards skipped; validation batches."""
 
 from __future__ import annotations
 
-import json
+import os
+import shutil
 
 import pytest
 import torch
 
 from nbp_mega.config_fields import ConfigError, merge
-from nbp_mega.data.loader import (
-    DataConfig,
-    SampleOrder,
-    TokenLoader,
-    batch_digest,
-    build_loaders,
-    eval_batches,
-)
+from nbp_mega.data.loader import DataConfig, build_loaders, eval_batches
 from nbp_mega.data.shards import ShardError, ShardIndex, expand_shards
+from nbp_mega.data.stream import choose_num_streams, format_digest, merge_states, sample_hash
 from nbp_mega.data.synthetic import write_synthetic_shards
 
 GRID = (2, 4, 4)
 VOCAB = 16
-N = 40  # training clips: 3 shards of 16, 16, 8
-G = 8  # global batch: 5 per epoch
+N = 40  # training clips: 10 shards of 4
+G = 8  # global batch
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     out = tmp_path_factory.mktemp("tokens")
     write_synthetic_shards(str(out), num_train=N, num_val=12, grid=GRID, vocab=VOCAB, classes=4,
-                           shard_size=16, seed=0, noise=0.02)
+                           shard_size=4, seed=0, noise=0.02)
     return out
 
 
-@pytest.fixture(scope="module")
-def index(shards):
-    return ShardIndex.build(expand_shards(str(shards / "train")))
+def loaders(path, dp_size: int, *, seed: int = 3, **data) -> list:
+    """One loader per data-parallel rank, as each rank of a job builds it."""
+    cfg = merge(DataConfig(), {"shards": str(path), "num_workers": 0, "shuffle_buffer": 3,
+                               **data})
+    return [build_loaders(cfg, seed=seed, global_batch=G, dp_rank=r, dp_size=dp_size,
+                          grid=GRID, vocab_size=VOCAB)[0] for r in range(dp_size)]
 
 
-def loaders(index, dp_size: int, global_batch: int = G, **kw) -> list[TokenLoader]:
-    """One loader per data-parallel rank (as each rank of a job would build it)."""
-    args = dict(global_batch=global_batch, dp_size=dp_size, seed=3, grid=GRID, vocab_size=VOCAB)
-    return [TokenLoader(index, dp_rank=r, **{**args, **kw}) for r in range(dp_size)]
+def run(ranks: list, steps: int) -> list[tuple[list[str], torch.Tensor]]:
+    """[steps] of (global batch keys, tokens [G, T, H, W]), the ranks' slices joined."""
+    out = []
+    for _ in range(steps):
+        batches = [loader.next_batch() for loader in ranks]
+        out.append(([k for b in batches for k in b.keys], torch.cat([b.tokens for b in batches])))
+    return out
 
 
-def run(ranks: list[TokenLoader], steps: int) -> list[list]:
-    """[steps][dp] batches."""
-    return [[loader.next_batch() for loader in ranks] for _ in range(steps)]
+def keys_by_stream(steps, num_streams: int) -> list[list[str]]:
+    k = G // num_streams
+    streams = [[] for _ in range(num_streams)]
+    for keys, _ in steps:
+        for s in range(num_streams):
+            streams[s] += keys[s * k:(s + 1) * k]
+    return streams
 
 
-@pytest.mark.parametrize("dp_size, workers", [(1, 0), (2, 0), (4, 0), (2, 2), (4, 2)])
-def test_epoch_covers_every_sample_once(index, dp_size, workers):
-    steps = run(loaders(index, dp_size, num_workers=workers), N // G)
-    keys = [k for step in steps for batch in step for k in batch.keys]
-    assert sorted(keys) == sorted(index.keys(range(N)))
-    for step in steps:
-        b = G // dp_size
-        assert all(batch.tokens.shape == (b, *GRID) for batch in step)
-        assert all(batch.tokens.dtype == batch.labels.dtype == torch.long for batch in step)
+@pytest.mark.parametrize("dp_size, workers", [(1, 0), (2, 0), (2, 2), (4, 1)])
+def test_each_stream_reads_its_shards_once_per_epoch(shards, dp_size, workers):
+    ranks = loaders(shards / "train", dp_size, num_workers=workers, streams=4)
+    spec = ranks[0].spec
+    index = ShardIndex.build(list(spec.paths))
+    by_shard = {}
+    for i in range(len(index)):
+        by_shard.setdefault(index.key(i).split("/")[0], []).append(index.key(i))
+    streams = keys_by_stream(run(ranks, 12), 4)  # 12 x 8 = 96 samples > 2 epochs of 40
+    for s, seen in enumerate(streams):
+        for epoch in range(2):
+            mine = [k for i in spec.stream_shards(s, epoch) for k in by_shard[spec.names[i]]]
+            start = sum(len(by_shard[spec.names[i]]) for e in range(epoch)
+                        for i in spec.stream_shards(s, e))
+            assert sorted(seen[start:start + len(mine)]) == sorted(mine), (s, epoch)
+    assert streams[0][:3] != sorted(streams[0][:3])  # shuffled inside the buffer
+    assert all(loader.skipped_shards == 0 for loader in ranks)
 
 
-def test_order_is_independent_of_dp_size(index):
-    steps = 7  # crosses the epoch boundary (5 batches per epoch)
-    reference = run(loaders(index, 1), steps)
-    for dp_size in (2, 4):
-        for ref, step in zip(reference, run(loaders(index, dp_size), steps), strict=True):
-            assert all(batch.global_keys == ref[0].global_keys for batch in step)
-            assert [k for batch in step for k in batch.keys] == ref[0].global_keys
-            torch.testing.assert_close(torch.cat([b.tokens for b in step]), ref[0].tokens)
-            torch.testing.assert_close(torch.cat([b.labels for b in step]), ref[0].labels)
+def test_order_is_independent_of_dp_and_workers(shards):
+    reference = run(loaders(shards / "train", 1), 9)
+    for dp_size, workers in [(2, 0), (4, 2), (8, 1)]:
+        other = run(loaders(shards / "train", dp_size, num_workers=workers), 9)
+        for (ref_keys, ref_tokens), (keys, tokens) in zip(reference, other, strict=True):
+            assert keys == ref_keys
+            torch.testing.assert_close(tokens, ref_tokens)
 
 
-def test_stream_is_concatenated_seeded_epochs(index):
-    loader = loaders(index, 1, global_batch=12)[0]  # 12 does not divide 40
-    stream = [k for _ in range(7) for k in loader.next_batch().global_keys]  # 84 items
-    epochs = [stream[:N], stream[N:2 * N]]
-    assert all(sorted(e) == sorted(index.keys(range(N))) for e in epochs)
-    assert epochs[0] != epochs[1]  # reshuffled each epoch
-    assert epochs[0] == index.keys(SampleOrder(N, seed=3, shuffle=True).epoch(0))
-    other_seed = loaders(index, 1, seed=4)[0].next_batch().global_keys
-    assert other_seed != stream[:G]
-    in_order = loaders(index, 1, shuffle=False)[0].next_batch().global_keys
-    assert in_order == index.keys(range(G))
+def test_order_is_seeded(shards):
+    a = [keys for keys, _ in run(loaders(shards / "train", 1), 5)]
+    assert a == [keys for keys, _ in run(loaders(shards / "train", 1), 5)]
+    assert a != [keys for keys, _ in run(loaders(shards / "train", 1, seed=4), 5)]
+    plain = run(loaders(shards / "train", 1, shuffle=False, streams=1), 5)
+    index = ShardIndex.build(expand_shards(str(shards / "train")))
+    assert [k for keys, _ in plain for k in keys] == index.keys(range(N))  # the file order
 
 
-@pytest.mark.parametrize("dp_before, dp_after, workers", [(2, 1, 2), (1, 4, 0), (4, 2, 0)])
-def test_resume_continues_identically_with_other_dp_size(index, dp_before, dp_after, workers):
-    k, more = 3, 4
-    reference = run(loaders(index, 1), k + more)
-    before = loaders(index, dp_before, num_workers=workers)
-    run(before, k)  # the workers have prefetched beyond these; the position must not count it
-    states = [loader.state_dict() for loader in before]
-    assert all(s == states[0] for s in states)
-    assert states[0]["consumed_samples"] == k * G
-    state = json.loads(json.dumps(states[0]))  # as stored in a checkpoint
-    after = loaders(index, dp_after, num_workers=workers)
+@pytest.mark.parametrize("dp_before, dp_after, workers", [(2, 1, 0), (1, 4, 2), (4, 2, 1)])
+@pytest.mark.parametrize("k", [1, 6])  # inside the first buffer / after an epoch
+def test_resume_continues_identically_on_another_dp(shards, dp_before, dp_after, workers, k):
+    reference = run(loaders(shards / "train", 1), k + 5)
+    before = loaders(shards / "train", dp_before, num_workers=workers)
+    run(before, k)
+    state = merge_states([loader.state_dict() for loader in before])
+    for loader in before:
+        loader.close()
+    after = loaders(shards / "train", dp_after, num_workers=workers)
     for loader in after:
         loader.load_state_dict(state)
-    for ref, step in zip(reference[k:], run(after, more), strict=True):
-        assert [key for batch in step for key in batch.keys] == ref[0].global_keys
-        torch.testing.assert_close(torch.cat([b.tokens for b in step]), ref[0].tokens)
+    for (ref_keys, ref_tokens), (keys, tokens) in zip(reference[k:], run(after, 5), strict=True):
+        assert keys == ref_keys
+        torch.testing.assert_close(tokens, ref_tokens)
 
 
-def test_resume_refuses_changed_data(shards, index):
-    state = loaders(index, 1)[0].state_dict()
-    fewer = ShardIndex.build(expand_shards(str(shards / "train"))[:2])
-    with pytest.raises(ShardError, match="training shards changed.*40 samples.*now holds 32"):
-        loaders(fewer, 1)[0].load_state_dict(state)
-    swapped = expand_shards(str(shards / "train"))
-    reordered = ShardIndex.build([swapped[1], swapped[0], swapped[2]])  # same count
-    with pytest.raises(ShardError, match="training shards changed.*order"):
-        loaders(reordered, 1)[0].load_state_dict(state)
-    with pytest.raises(ValueError, match="seed 3, this run has seed 5"):
-        loaders(index, 1, seed=5)[0].load_state_dict(state)
-    with pytest.raises(ValueError, match="lacks"):
-        loaders(index, 1)[0].load_state_dict({"seed": 3})
+def test_resume_refuses_other_data_or_settings(shards):
+    first = loaders(shards / "train", 1)[0]
+    first.next_batch()
+    state = first.state_dict()
+    paths = ",".join(expand_shards(str(shards / "train"))[:8])
+    cases = [(dict(path=paths), "the shard list"), (dict(seed=5), "seed"),
+             (dict(shuffle_buffer=4), "data.shuffle_buffer"), (dict(streams=4), "data.streams")]
+    for change, what in cases:
+        path = change.pop("path", shards / "train")
+        with pytest.raises(ShardError, match=f"taken with {what}"):
+            loaders(path, 1, **change)[0].load_state_dict(state)
+    with pytest.raises(ValueError, match="lacks 'num_streams'"):
+        loaders(shards / "train", 1)[0].load_state_dict({"seed": 3})
 
 
-def test_batch_split_errors(index):
-    with pytest.raises(ConfigError, match="train.global_batch=6 is not a positive multiple of "
-                                          "the data-parallel size 4"):
-        loaders(index, 4, global_batch=6)
-    with pytest.raises(ValueError, match="rank 2 of 2"):
-        TokenLoader(index, global_batch=G, dp_rank=2, dp_size=2, seed=0, grid=GRID,
-                    vocab_size=VOCAB)
+def test_broken_and_missing_shards_are_skipped_and_counted(shards, tmp_path):
+    for name in os.listdir(shards / "train"):
+        shutil.copy(shards / "train" / name, tmp_path / name)
+    names = sorted(n for n in os.listdir(tmp_path) if n.endswith(".tar"))
+    with open(tmp_path / names[1], "r+b") as f:  # truncated inside its third sample (a
+        f.truncate(2 * 2048 + 700)  # sample is 2 members of 512 header + 512 data bytes)
+    (tmp_path / names[2]).write_bytes(b"\x00garbage" * 300)  # not a tar at all
+    ranks = loaders(tmp_path, 2, num_workers=1, streams=2)
+    again = loaders(tmp_path, 1, streams=2)  # the same broken data on another dp
+    os.remove(tmp_path / names[3])  # vanishes after the job started
+    steps = run(ranks, 8)  # 64 samples > one epoch of what is left
+    assert all(len(keys) == G for keys, _ in steps)
+    seen = {k for keys, _ in steps for k in keys}
+    assert not any(k.startswith((names[2], names[3])) for k in seen)
+    assert sum(k.startswith(names[1]) for k in seen) == 2  # what came before the break
+    assert sum(loader.skipped_shards for loader in ranks) >= 3
+    assert [keys for keys, _ in run(again, 8)] == [keys for keys, _ in steps]
 
 
-def test_bad_sample_in_worker_names_file_and_key(index):
-    loader = loaders(index, 1, num_workers=2, grid=(2, 4, 5))[0]
-    with pytest.raises(ShardError, match=r"shard /.*/shard-00000\d.tar sample 'clip\d+': tokens "
-                                         r"have shape \(2, 4, 4\), expected \(2, 4, 5\)"):
+def test_bad_sample_names_file_and_key(shards):
+    loader = loaders(shards / "train", 1, num_workers=1)[0]
+    loader.spec = type(loader.spec)(**{**loader.spec.__dict__, "grid": (2, 4, 5)})
+    with pytest.raises(ShardError, match=r"shard-00000\d.tar: sample clip\d+: tokens have "
+                                         r"shape \(2, 4, 4\), expected \(2, 4, 5\)"):
         loader.next_batch()
+
+
+def test_number_of_streams():
+    assert choose_num_streams(0, num_shards=10, global_batch=8, dp=2) == 8
+    assert choose_num_streams(0, num_shards=6, global_batch=8, dp=2) == 4
+    assert choose_num_streams(0, num_shards=500, global_batch=256, dp=8) == 64
+    assert choose_num_streams(4, num_shards=6, global_batch=8, dp=2) == 4
+    with pytest.raises(ConfigError, match="data.streams=4.*not a multiple of the data-parallel "
+                                          "size 8"):
+        choose_num_streams(4, num_shards=6, global_batch=8, dp=8)
+    with pytest.raises(ConfigError, match="only 3 shards"):
+        choose_num_streams(8, num_shards=3, global_batch=8, dp=1)
+    with pytest.raises(ConfigError, match="no number of data streams fits 1 shards"):
+        choose_num_streams(0, num_shards=1, global_batch=8, dp=2)
+
+
+def test_digest_is_a_sum_over_ranks(shards):
+    one = loaders(shards / "train", 1)[0].next_batch()
+    two = [loader.next_batch() for loader in loaders(shards / "train", 2)]
+    whole = format_digest(one.digest_part())
+    assert whole == format_digest(sum(b.digest_part() for b in two))
+    assert len(whole) == 16
+    swapped = sample_hash(0, one.keys[1]) + sample_hash(1, one.keys[0])
+    assert format_digest(swapped + one.digest_part() - sample_hash(0, one.keys[0])
+                         - sample_hash(1, one.keys[1])) != whole  # the order counts
 
 
 def test_eval_batches_fixed_order_split_like_training(shards):
@@ -140,7 +183,7 @@ def test_eval_batches_fixed_order_split_like_training(shards):
     assert [b.keys for b in single] == [val.keys(range(4)), val.keys(range(4, 8))]
     ranks = [list(eval_batches(val, dp_rank=r, dp_size=2, **args)) for r in range(2)]
     for g, ref in enumerate(single):
-        assert ranks[0][g].keys + ranks[1][g].keys == ref.keys == ref.global_keys
+        assert ranks[0][g].keys + ranks[1][g].keys == ref.keys
         torch.testing.assert_close(torch.cat([ranks[0][g].tokens, ranks[1][g].tokens]),
                                    ref.tokens)
     assert len(list(eval_batches(val, dp_rank=0, dp_size=1, **{**args, "max_batches": 9}))) == 3
@@ -153,16 +196,17 @@ def test_build_loaders_and_config(shards):
                                "num_workers": 0})
     train, val = build_loaders(cfg, seed=3, global_batch=G, dp_rank=0, dp_size=1, grid=GRID,
                                vocab_size=VOCAB)
-    assert len(train.index) == N and len(val) == 12
+    assert len(train.spec.paths) == 10 and len(val) == 12
     assert train.next_batch().tokens.shape == (G, *GRID)
     with pytest.raises(ConfigError, match="data.shards is empty"):
         build_loaders(DataConfig(), seed=0, global_batch=G, dp_rank=0, dp_size=1, grid=GRID,
                       vocab_size=VOCAB)
+    with pytest.raises(ConfigError, match="checkpoint being resumed used 8 streams"):
+        build_loaders(merge(cfg, {"streams": 4}), seed=0, global_batch=G, dp_rank=0, dp_size=1,
+                      grid=GRID, vocab_size=VOCAB, saved_streams=8)
+    with pytest.raises(ConfigError, match="train.global_batch=8 is not a positive multiple of "
+                                          "the data-parallel size 3"):
+        build_loaders(cfg, seed=0, global_batch=G, dp_rank=0, dp_size=3, grid=GRID,
+                      vocab_size=VOCAB)
     with pytest.raises(ConfigError, match="num_workers"):
         merge(DataConfig(), {"num_workers": -1})
-
-
-def test_batch_digest():
-    assert batch_digest(["a", "b"]) == batch_digest(["a", "b"])
-    assert batch_digest(["a", "b"]) != batch_digest(["b", "a"])
-    assert len(batch_digest([])) == 16
