@@ -1,0 +1,184 @@
+"""The video tokenizer: published layout and file format, FSQ arithmetic, causality, shapes,
+our own format, and errors for bad input."""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import math
+import os
+
+import pytest
+import torch
+
+from nbp_mega.tokenizer import (
+    FSQ,
+    PRESETS,
+    Magvit2,
+    TokenizerError,
+    load_video_tokenizer,
+    save_video_tokenizer,
+)
+
+REFERENCE = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "reference",
+                         "nbp_magvit2_state_dict.tsv")
+
+
+def reference_table() -> dict[str, tuple[int, ...]]:
+    path = REFERENCE if os.path.exists(REFERENCE) else "/work/shared/reference/" \
+        "nbp_magvit2_state_dict.tsv"
+    if not os.path.exists(path):
+        pytest.skip("shared/reference/nbp_magvit2_state_dict.tsv is not on this machine")
+    table = {}
+    with open(path) as f:
+        for line in f:
+            if not line.startswith("#") and line.strip():
+                key, shape, _ = line.rstrip("\n").split("\t")
+                table[key] = tuple(ast.literal_eval(shape))
+    return table
+
+
+def test_fsq_indices_round_trip_exactly():
+    fsq = FSQ((8, 8, 8, 5, 5, 5))
+    assert fsq.codebook_size == 64000
+    every = torch.arange(64000).view(1, 40, 40, 40)
+    codes = fsq.indices_to_codes(every)  # [1, 6, 40, 40, 40]
+    center = torch.tensor([4, 4, 4, 2, 2, 2]).view(1, 6, 1, 1, 1)
+    digits = torch.round(codes * center).long() + center
+    basis = torch.tensor([1, 8, 64, 512, 2560, 12800]).view(1, 6, 1, 1, 1)
+    assert torch.equal((digits * basis).sum(1), every)
+    assert digits.min() == 0 and (digits.amax(dim=(0, 2, 3, 4)) == torch.tensor(
+        [7, 7, 7, 4, 4, 4])).all()
+    z = torch.randn(2, 6, 3, 4, 4) * 3
+    quantized, indices = fsq(z)
+    assert indices.min() >= 0 and indices.max() < 64000
+    assert torch.equal(fsq.indices_to_codes(indices), quantized)
+
+
+def test_fsq_published_arithmetic():
+    fsq = FSQ((8, 5))
+    half8, half5 = 7 * (1 - 1e-3) / 2, 4 * (1 - 1e-3) / 2
+    z = torch.tensor([0.3, -0.7]).view(1, 2, 1, 1, 1)
+    expected8 = math.tanh(0.3 + math.tan(0.5 / half8)) * half8 - 0.5  # tan, as published
+    expected5 = math.tanh(-0.7) * half5
+    assert fsq.bound(z).flatten().tolist() == pytest.approx([expected8, expected5], abs=1e-6)
+    _, index = fsq(z)
+    assert index.item() == (round(expected8) + 4) + 8 * (round(expected5) + 2)
+    z.requires_grad_(True)
+    fsq(z)[0].sum().backward()  # straight-through rounding: gradients reach z
+    assert (z.grad != 0).all()
+    with pytest.raises(ValueError, match=r"\[0, 40\)"):
+        fsq.indices_to_codes(torch.tensor([[[[40]]]]))
+
+
+def test_published_layout_matches_reference_table():
+    table = reference_table()
+    with torch.device("meta"):
+        model = Magvit2(PRESETS["nbp-magvit2"])
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert ours == table
+    assert len(ours) == 434 and sum(math.prod(s) for s in ours.values()) == 370_372_105
+    assert PRESETS["nbp-magvit2"].downsample == (4, 8, 8)
+
+
+def test_published_file_loads_strictly_and_runs(tmp_path):
+    """The published format: torch.save({'model_state_dict': {'module.<key>': ...}})."""
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = Magvit2(PRESETS["nbp-magvit2"])
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if name.endswith("beta") else 0.0, 0.02)
+    path = tmp_path / "magvit2_ucf.pt"
+    torch.save({"model_state_dict": {f"module.{k}": v for k, v in model.state_dict().items()},
+                "epoch": 7}, path)
+    tok = load_video_tokenizer(str(path))
+    loaded = tok.model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+    assert tok.codebook_size == 64000 and tok.downsample == (4, 8, 8)
+    assert tok.latent_shape(17, 128, 128) == (5, 16, 16)
+    with open(path, "rb") as f:
+        assert tok.checksum() == hashlib.sha256(f.read()).hexdigest()
+    video = torch.rand(1, 3, 5, 16, 16) - 0.5
+    tokens = tok.encode(video)
+    assert tokens.shape == (1, 2, 2, 2) and tokens.dtype == torch.long
+    assert tok.decode(tokens).shape == (1, 3, 5, 16, 16)
+    del model, tok, loaded
+    # the same file with one tensor dropped or reshaped is another architecture
+    blob = torch.load(path, weights_only=True)
+    blob["model_state_dict"].pop("module.decoder_layers.29.conv.bias")
+    torch.save(blob, path)
+    with pytest.raises(TokenizerError, match="another tokenizer architecture: 1 missing"):
+        load_video_tokenizer(str(path))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_video_tokenizer("tiny")
+
+
+def test_shapes_17x128x128(tiny):
+    video = torch.rand(2, 3, 17, 128, 128) - 0.5
+    tokens = tiny.encode(video)
+    assert tokens.shape == (2, 5, 16, 16)
+    assert tiny.decode(tokens).shape == (2, 3, 17, 128, 128)
+    assert tiny.decode(tokens).abs().max() <= 0.5
+
+
+def test_encoder_and_decoder_are_causal(tiny):
+    enc, dec = tiny.model.encoder_layers, tiny.model.decoder_layers
+    video = torch.rand(1, 3, 9, 32, 32) - 0.5
+    with torch.no_grad():
+        base = enc(video)  # [1, 6, 3, 4, 4]
+        for frame in range(9):
+            moved = video.clone()
+            moved[:, :, frame] += 0.3
+            changed = (enc(moved) - base).abs().amax(dim=(0, 1, 3, 4)) > 0  # [3] latent frames
+            first = 0 if frame == 0 else (frame + 3) // 4  # latent k sees frames <= 4k
+            assert changed.tolist() == [k >= first for k in range(3)], frame
+        codes = torch.rand(1, 6, 3, 4, 4) - 0.5
+        out = dec(codes)  # [1, 3, 9, 32, 32]
+        moved = codes.clone()
+        moved[:, :, 1] += 0.5
+        changed = (dec(moved) - out).abs().amax(dim=(0, 1, 3, 4)) > 0  # [9] frames
+        assert changed.tolist() == [f >= 1 for f in range(9)]  # latent 1 -> frames 1..4
+
+
+def test_uint8_input_and_own_format(tiny, tmp_path):
+    frames = torch.randint(0, 256, (3, 5, 16, 24, 3), dtype=torch.uint8)
+    as_float = frames.permute(0, 4, 1, 2, 3).float() / 255 - 0.5
+    tokens = tiny.encode(frames)
+    assert torch.equal(tokens, tiny.encode(as_float))
+    path = tmp_path / "tiny.pt"
+    save_video_tokenizer(tiny.model, str(path), meta={"steps": 0})
+    again = load_video_tokenizer(str(path))
+    assert again.model.cfg == tiny.model.cfg
+    assert torch.equal(again.encode(frames), tokens)
+    assert not os.path.exists(f"{path}.partial")
+
+
+def test_bad_input_is_explained(tiny, tmp_path):
+    cases = [
+        (torch.zeros(1, 3, 16, 32, 32), "16 frames: the tokenizer needs 1 \\+ 4n"),
+        (torch.zeros(1, 3, 17, 100, 32), "resolution 100x32.*multiples of 8"),
+        (torch.rand(1, 3, 5, 32, 32) + 0.2, "expected \\[-0.5, 0.5\\]"),
+        (torch.zeros(1, 3, 5, 32, 32, dtype=torch.int32), "dtype torch.int32"),
+        (torch.zeros(1, 5, 32, 32, 3), "float video must be \\[B, 3, T, H, W\\]"),
+        (torch.zeros(1, 5, 32, 32, 4, dtype=torch.uint8), "uint8 video must be"),
+    ]
+    for video, message in cases:
+        with pytest.raises(TokenizerError, match=message):
+            tiny.encode(video)
+    with pytest.raises(TokenizerError, match="neither a tokenizer file nor a preset"):
+        load_video_tokenizer("no-such-thing")
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(TokenizerError, match="not a readable torch file"):
+        load_video_tokenizer(str(tmp_path / "junk.pt"))
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(TokenizerError, match="not a video tokenizer checkpoint"):
+        load_video_tokenizer(str(tmp_path / "other.pt"))
+    torch.save({"model_state_dict": {f"module.{k}": v for k, v in
+                                     tiny.model.state_dict().items()}}, tmp_path / "small.pt")
+    with pytest.raises(TokenizerError, match="another tokenizer architecture"):
+        load_video_tokenizer(str(tmp_path / "small.pt"))  # published format, tiny weights
