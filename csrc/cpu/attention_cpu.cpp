@@ -1,0 +1,246 @@
+// CPU forward and backward of block-causal attention: tiles of BQ query rows x BK keys,
+// online softmax (FlashAttention-2's algorithm), tiles above the block diagonal never visited
+// (tile_schedule.h), per-row masking only in tiles that straddle a block boundary.
+//
+// Legend: B batch; N heads; H = B * N (one "head" is one (batch, head) pair); Sq queries;
+// Sk keys; D head dim; Dp = D rounded up to kPad; Sqp, Skp likewise; BQ x BK a tile;
+// G groups of key tiles in the backward (each with its own dq partial sum).
+//
+// Work is split into tasks (forward: one query tile of one head; backward: every G-th key tile
+// of one head) handed to torch's intra-op OpenMP threads one at a time. Inputs are first
+// copied by ATen into fp32, zero-padded, contiguous buffers (and transposed where a GEMM
+// wants its B operand so): this handles any strides and bf16/fp16 inputs, and the O(S D) copy
+// is small next to the O(S^2 D) products.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../attention.h"
+#include "tile_kernels.h"
+
+namespace nbp_mega::cpu {
+namespace {
+
+constexpr int64_t BQ = 64;  // query rows per tile
+constexpr int64_t BK = 64;  // keys per tile
+
+// x [B, N, S, D] -> fp32 [B, N, rows, dp], zero-padded (rows >= S, dp >= D), contiguous.
+at::Tensor padded_f32(const at::Tensor& x, int64_t rows, int64_t dp) {
+  return at::constant_pad_nd(x.to(at::kFloat), {0, dp - x.size(3), 0, rows - x.size(2)})
+      .contiguous();
+}
+
+// The same, transposed to [B, N, dp, rows]: the B operand of a product over the head dim.
+at::Tensor padded_f32_t(const at::Tensor& x, int64_t rows, int64_t dp) {
+  return padded_f32(x, rows, dp).transpose(2, 3).contiguous();
+}
+
+// Runs task(i, scratch) for every i in [0, n) on torch's intra-op threads. Each thread takes
+// the next task from a shared counter: tasks differ in cost, static chunks would idle threads.
+template <class F>
+void parallel_tasks(int64_t n, int64_t scratch_floats, const F& task) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    std::vector<float> scratch(scratch_floats);
+    for (int64_t i = next++; i < n; i = next++) task(i, scratch.data());
+  });
+}
+
+struct Forward {
+  BlockCausalSchedule sched;
+  int64_t heads, dp, skp;
+  float scale;
+  const float* q;   // [H, Sq, Dp]
+  const float* kt;  // [H, Dp, Skp]
+  const float* v;   // [H, Skp, Dp]
+  float* out;       // [H, Sq, Dp]
+  float* lse;       // [H, Sq]
+
+  int64_t scratch_floats() const { return BQ * BK + BQ * dp + 2 * BQ; }
+
+  // One query tile [q0, q0 + rows) of head h.
+  void tile(int64_t h, int64_t q0, float* scratch) const {
+    const TileKernels& kern = tile_kernels();
+    const int64_t sq = sched.sq, sk = sched.sk, rows = std::min(BQ, sq - q0);
+    const float* qh = q + (h * sq + q0) * dp;
+    const float* kth = kt + h * dp * skp;
+    const float* vh = v + h * skp * dp;
+    float* s = scratch;          // [BQ, BK] scores, then probabilities
+    float* acc = s + BQ * BK;    // [BQ, Dp] unnormalised output
+    float* m = acc + BQ * dp;    // [BQ] running max of scale * score
+    float* l = m + BQ;           // [BQ] running sum of exp(scale * score - m)
+    std::fill(acc, acc + rows * dp, 0.f);
+    std::fill(m, m + rows, -std::numeric_limits<float>::infinity());
+    std::fill(l, l + rows, 0.f);
+    const int64_t n_tiles = sched.key_tiles(q0, q0 + rows, BK);
+    for (int64_t t = 0; t < n_tiles; ++t) {
+      const int64_t k0 = t * BK, width = std::min(BK, sk - k0), widthp = round_up(width, kPad);
+      kern.gemm(rows, widthp, dp, qh, dp, 1, kth + k0, skp, s, BK, false);  // S = Q K^T
+      const bool partial = sched.classify(q0, q0 + rows, k0, k0 + width) == kTilePartial;
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t visible = partial ? sched.visible_keys(q0 + r, k0, width) : width;
+        const float alpha = kern.softmax_step(s + r * BK, visible, widthp, scale, m + r, l + r);
+        if (alpha != 1.f) kern.scale(acc + r * dp, dp, alpha);
+      }
+      kern.gemm(rows, dp, widthp, s, BK, 1, vh + k0 * dp, dp, acc, dp, true);  // O += P V
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      kern.scale(acc + r * dp, dp, 1.f / l[r]);
+      std::copy(acc + r * dp, acc + (r + 1) * dp, out + (h * sq + q0 + r) * dp);
+      lse[h * sq + q0 + r] = m[r] + std::log(l[r]);
+    }
+  }
+
+  void run() const {
+    const int64_t n_qt = ceil_div(sched.sq, BQ);
+    // Largest tasks first (the last query tiles see the most keys): a shorter tail.
+    parallel_tasks(heads * n_qt, scratch_floats(), [&](int64_t i, float* scratch) {
+      tile(i % heads, (n_qt - 1 - i / heads) * BQ, scratch);
+    });
+  }
+};
+
+struct Backward {
+  BlockCausalSchedule sched;
+  int64_t heads, dp, sqp, groups;
+  float scale;
+  const float* q;      // [H, Sq, Dp]
+  const float* qt;     // [H, Dp, Sqp]
+  const float* dout;   // [H, Sq, Dp]
+  const float* doutt;  // [H, Dp, Sqp]
+  const float* k;      // [H, Sk, Dp]
+  const float* v;      // [H, Sk, Dp]
+  const float* lse;    // [H, Sqp]
+  const float* delta;  // [H, Sqp]
+  float* dq;           // [G, H, Sq, Dp] partial sums, scaled at the end
+  float* dk;           // [H, Sk, Dp]
+  float* dv;           // [H, Sk, Dp]
+
+  // P^T and dS^T tiles, then the dk and dv accumulators of the current key tile.
+  int64_t scratch_floats() const { return 2 * BK * BQ + 2 * BK * dp; }
+
+  // The query tile at q0 against the key tile [k0, k0 + keys) of head h, in transposed form:
+  // row c of a tile is key k0 + c, column r is query q0 + r.
+  void tile(int64_t h, int64_t k0, int64_t keys, int64_t q0, float* dq_h, float* scratch) const {
+    const TileKernels& kern = tile_kernels();
+    const int64_t sq = sched.sq, rows = std::min(BQ, sq - q0), rowsp = round_up(rows, kPad);
+    const float* kh = k + (h * sched.sk + k0) * dp;
+    const float* vh = v + (h * sched.sk + k0) * dp;
+    float* pt = scratch;                       // [BK, BQ] P^T
+    float* dst = pt + BK * BQ;                 // [BK, BQ] dP^T, then dS^T
+    float* dk_acc = dst + BK * BQ;             // [BK, Dp]
+    float* dv_acc = dk_acc + BK * dp;          // [BK, Dp]
+    kern.gemm(keys, rowsp, dp, kh, dp, 1, qt + h * dp * sqp + q0, sqp, pt, BQ, false);
+    const bool partial = sched.classify(q0, q0 + rows, k0, k0 + keys) == kTilePartial;
+    for (int64_t c = 0; c < keys; ++c) {
+      const int64_t hidden = partial ? sched.hidden_rows(k0 + c, q0, rows) : 0;
+      kern.probs(pt + c * BQ, lse + h * sqp + q0, hidden, rows, rowsp, scale);
+    }
+    kern.gemm(keys, rowsp, dp, vh, dp, 1, doutt + h * dp * sqp + q0, sqp, dst, BQ, false);
+    for (int64_t c = 0; c < keys; ++c)
+      kern.dscores(dst + c * BQ, pt + c * BQ, delta + h * sqp + q0, rowsp);
+    kern.gemm(keys, dp, rows, pt, BQ, 1, dout + (h * sq + q0) * dp, dp, dv_acc, dp, true);
+    kern.gemm(keys, dp, rows, dst, BQ, 1, q + (h * sq + q0) * dp, dp, dk_acc, dp, true);
+    // dQ += dS K, with dS read through the transposed tile (A's row stride 1, column BQ)
+    kern.gemm(rows, dp, keys, dst, 1, BQ, kh, dp, dq_h + q0 * dp, dp, true);
+  }
+
+  // Key tiles g, g + G, g + 2G, ... of head h (interleaved: early key tiles are seen by more
+  // queries and cost more); their dq contributions go to partial sum g.
+  void task(int64_t h, int64_t g, float* scratch) const {
+    const int64_t sq = sched.sq, sk = sched.sk;
+    float* dq_h = dq + (g * heads + h) * sq * dp;
+    float* dk_acc = scratch + 2 * BK * BQ;
+    float* dv_acc = dk_acc + BK * dp;
+    for (int64_t k0 = g * BK; k0 < sk; k0 += groups * BK) {
+      const int64_t keys = std::min(BK, sk - k0);
+      std::fill(dk_acc, dk_acc + 2 * BK * dp, 0.f);  // dk_acc and dv_acc
+      for (int64_t q0 = sched.first_query_tile(k0, BQ) * BQ; q0 < sq; q0 += BQ)
+        tile(h, k0, keys, q0, dq_h, scratch);
+      tile_kernels().scale(dk_acc, keys * dp, scale);
+      std::copy(dk_acc, dk_acc + keys * dp, dk + (h * sk + k0) * dp);
+      std::copy(dv_acc, dv_acc + keys * dp, dv + (h * sk + k0) * dp);
+    }
+  }
+
+  void run() const {
+    parallel_tasks(heads * groups, scratch_floats(), [&](int64_t i, float* scratch) {
+      task(i / groups, i % groups, scratch);
+    });
+  }
+};
+
+// Enough key-tile groups that every thread has about four tasks, when there are few heads.
+int64_t backward_groups(int64_t heads, int64_t key_tiles) {
+  const int64_t wanted = ceil_div(4 * at::get_num_threads(), std::max<int64_t>(heads, 1));
+  return std::clamp<int64_t>(wanted, 1, std::max<int64_t>(key_tiles, 1));
+}
+
+// The first D columns of x [B, N, S, Dp] fp32 as a contiguous tensor of `dtype`.
+at::Tensor unpad(const at::Tensor& x, int64_t d, at::ScalarType dtype) {
+  return x.narrow(3, 0, d).to(dtype).contiguous();
+}
+
+}  // namespace
+
+const char* isa() { return tile_kernels().isa; }
+
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k,
+                                           const at::Tensor& v, int64_t block_len,
+                                           int64_t prefix_len, int64_t q_offset, double scale) {
+  check_attention_inputs("block_causal_attention (CPU)", q, k, v, block_len, prefix_len,
+                         q_offset, scale);
+  const int64_t B = q.size(0), N = q.size(1), sq = q.size(2), sk = k.size(2), d = q.size(3);
+  const int64_t dp = round_up(d, kPad), skp = round_up(sk, kPad);
+  const at::Tensor qf = padded_f32(q, sq, dp), ktf = padded_f32_t(k, skp, dp);
+  const at::Tensor vf = padded_f32(v, skp, dp);
+  at::Tensor out = at::empty({B, N, sq, dp}, q.options().dtype(at::kFloat));
+  at::Tensor lse = at::empty({B, N, sq}, q.options().dtype(at::kFloat));
+  if (out.numel() > 0) {
+    const Forward fwd{make_schedule(q, k, block_len, prefix_len, q_offset), B * N, dp, skp,
+                      static_cast<float>(scale), qf.data_ptr<float>(), ktf.data_ptr<float>(),
+                      vf.data_ptr<float>(), out.data_ptr<float>(), lse.data_ptr<float>()};
+    fwd.run();
+  }
+  return {unpad(out, d, q.scalar_type()), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse,
+    int64_t block_len, int64_t prefix_len, int64_t q_offset, double scale) {
+  check_backward_inputs("block_causal_attention_backward (CPU)", grad_out, q, k, v, out, lse,
+                        grad_lse, block_len, prefix_len, q_offset, scale);
+  const int64_t B = q.size(0), N = q.size(1), sq = q.size(2), sk = k.size(2), d = q.size(3);
+  const int64_t dp = round_up(d, kPad), sqp = round_up(sq, kPad);
+  const int64_t groups = backward_groups(B * N, ceil_div(sk, BK));
+  const at::Tensor qf = padded_f32(q, sq, dp), qtf = padded_f32_t(q, sqp, dp);
+  const at::Tensor dof = padded_f32(grad_out, sq, dp), dotf = padded_f32_t(grad_out, sqp, dp);
+  const at::Tensor kf = padded_f32(k, sk, dp), vf = padded_f32(v, sk, dp);
+  const at::Tensor lsef = at::constant_pad_nd(lse.to(at::kFloat), {0, sqp - sq}).contiguous();
+  const at::Tensor delta =
+      at::constant_pad_nd(softmax_backward_delta(grad_out, out, grad_lse), {0, sqp - sq})
+          .contiguous();
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor dq = at::zeros({groups, B, N, sq, dp}, f32);
+  at::Tensor dk = at::empty({B, N, sk, dp}, f32), dv = at::empty({B, N, sk, dp}, f32);
+  if (dk.numel() > 0) {
+    const Backward bwd{make_schedule(q, k, block_len, prefix_len, q_offset), B * N, dp, sqp,
+                       groups,
+                       static_cast<float>(scale), qf.data_ptr<float>(), qtf.data_ptr<float>(),
+                       dof.data_ptr<float>(), dotf.data_ptr<float>(), kf.data_ptr<float>(),
+                       vf.data_ptr<float>(), lsef.data_ptr<float>(), delta.data_ptr<float>(),
+                       dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>()};
+    bwd.run();
+  }
+  const at::Tensor dq_sum = groups == 1 ? dq[0] : dq.sum(0);
+  return {unpad(dq_sum.mul_(scale), d, q.scalar_type()), unpad(dk, d, k.scalar_type()),
+          unpad(dv, d, v.scalar_type())};
+}
+
+}  // namespace nbp_mega::cpu

@@ -1,0 +1,53 @@
+// The vectorised inner loops of the CPU attention kernels, as a table of functions with one
+// implementation per instruction set (AVX2+FMA on x86-64, portable C++ elsewhere), chosen
+// once at run time: the extension then runs on any CPU, at full speed where AVX2 exists.
+//
+// Legend: M, N, K the sizes of a tile product C[M, N] = A[M, K] B[K, N]; W floats per vector.
+// All buffers are fp32. Rows handed to these functions are padded to a multiple of kPad
+// floats (the callers' buffers are allocated so), which keeps every loop free of tails.
+#pragma once
+
+#include <cstdint>
+
+namespace nbp_mega::cpu {
+
+constexpr int64_t kPad = 8;  // floats: one AVX2 register; widths are rounded up to this
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+struct TileKernels {
+  const char* isa;  // "avx2" or "generic": reported by `python -m nbp_mega.ops --info`
+
+  // C[M, N] (+)= A[M, K] B[K, N]. A element (i, k) is a[i * a_row + k * a_col], so A may be
+  // a transposed view; B is row-major with row stride ldb; C row-major with row stride ldc.
+  // N must be a multiple of kPad.
+  void (*gemm)(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row, int64_t a_col,
+               const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate);
+
+  // Online-softmax step for one query row of a forward tile. s[0, width) holds raw scores,
+  // of which [0, visible) are visible (visible >= 1). With the running max *m and sum *l,
+  // overwrites s with p = exp(scale * s - m_new) (0 past `visible`), updates *m and *l and
+  // returns alpha = exp(m_old - m_new), the factor for the row's output accumulator.
+  float (*softmax_step)(float* s, int64_t visible, int64_t width, float scale, float* m,
+                        float* l);
+
+  // Backward, one key row of a transposed tile: s[c] = exp(scale * s[c] - lse[c]) for
+  // c in [hidden, visible_end) and 0 elsewhere in [0, width).
+  void (*probs)(float* s, const float* lse, int64_t hidden, int64_t visible_end, int64_t width,
+                float scale);
+
+  // Backward: dp[c] = p[c] * (dp[c] - delta[c]) for c in [0, width).
+  void (*dscores)(float* dp, const float* p, const float* delta, int64_t width);
+
+  // x[c] *= alpha for c in [0, width).
+  void (*scale)(float* x, int64_t width, float alpha);
+};
+
+// The implementations. avx2_kernels() is nullptr where the build or the CPU lacks AVX2+FMA.
+const TileKernels& generic_kernels();
+const TileKernels* avx2_kernels();
+
+// The fastest table this CPU runs (decided once).
+const TileKernels& tile_kernels();
+
+}  // namespace nbp_mega::cpu

@@ -1,0 +1,42 @@
+// Portable instantiation of the tile loops (one float per "vector"; the compiler vectorises
+// what it can), and the run-time choice between it and the AVX2 table.
+//
+// Legend: W = 1 float per vector.
+#include <cstdint>
+
+#include "tile_kernels.h"
+
+namespace nbp_mega::cpu {
+namespace generic {
+
+struct Scalar {
+  using V = float;
+  static constexpr int W = 1;
+  static V load(const float* p) { return *p; }
+  static void store(float* p, V v) { *p = v; }
+  static V set1(float x) { return x; }
+  static V zero() { return 0.f; }
+  static V fmadd(V a, V b, V c) { return a * b + c; }
+  static V add(V a, V b) { return a + b; }
+  static V sub(V a, V b) { return a - b; }
+  static V mul(V a, V b) { return a * b; }
+  static V max(V a, V b) { return __builtin_fmaxf(a, b); }
+  static V exp(V x) { return __builtin_expf(x); }
+  static float reduce_max(V v) { return v; }
+  static float reduce_add(V v) { return v; }
+};
+
+#include "tile_kernels_impl.h"
+
+constexpr TileKernels kTable = TileImpl<Scalar>::table("generic");
+
+}  // namespace generic
+
+const TileKernels& generic_kernels() { return generic::kTable; }
+
+const TileKernels& tile_kernels() {
+  static const TileKernels* chosen = avx2_kernels();  // thread-safe one-time initialisation
+  return chosen != nullptr ? *chosen : generic_kernels();
+}
+
+}  // namespace nbp_mega::cpu

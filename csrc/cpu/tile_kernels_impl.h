@@ -1,0 +1,148 @@
+// The tile loops of tile_kernels.h, written once over a vector policy `Vec` and instantiated
+// per instruction set by tile_kernels_avx2.cpp and tile_kernels_generic.cpp.
+//
+// Legend: M, N, K sizes of C[M, N] (+)= A[M, K] B[K, N]; W = Vec::W floats per vector;
+// MR x NV the register block of the GEMM (MR rows of C, NV vectors of W columns).
+//
+// This header is included after a `#pragma GCC target` in the AVX2 file, so it includes no
+// standard header and calls no inline library function (only compiler builtins): an inline
+// function instantiated here under AVX2 could otherwise be merged by the linker with the
+// portable copy and run AVX2 code on a CPU without it. Include it inside a namespace that is
+// unique to the instruction set.
+//
+// `Vec` provides: V, W, load, store, set1, zero, fmadd, mul, sub, max, exp, reduce_max,
+// reduce_add.
+
+template <class Vec>
+struct TileImpl {
+  using V = typename Vec::V;
+  static constexpr int W = Vec::W;
+  // 3 rows x 4 vectors: 12 accumulators + 4 loads of B + 1 broadcast of A fit the 16 AVX2
+  // registers; measured fastest of 6x2, 4x3 and 3x4 on the development machine (Zen).
+  static constexpr int MR = 3;
+  static constexpr int NV = 4;
+
+  // C[R, NVr * W] (+)= A[R, K] B[K, NVr * W], all accumulators in registers.
+  template <int R, int NVr>
+  static void micro(int64_t K, const float* a, int64_t a_row, int64_t a_col, const float* b,
+                    int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+    V acc[R][NVr];
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+      for (int v = 0; v < NVr; ++v)
+        acc[i][v] = accumulate ? Vec::load(c + i * ldc + v * W) : Vec::zero();
+    for (int64_t k = 0; k < K; ++k) {
+      V bk[NVr];
+#pragma GCC unroll 8
+      for (int v = 0; v < NVr; ++v) bk[v] = Vec::load(b + k * ldb + v * W);
+#pragma GCC unroll 8
+      for (int i = 0; i < R; ++i) {
+        const V ai = Vec::set1(a[i * a_row + k * a_col]);
+#pragma GCC unroll 8
+        for (int v = 0; v < NVr; ++v) acc[i][v] = Vec::fmadd(ai, bk[v], acc[i][v]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i)
+#pragma GCC unroll 8
+      for (int v = 0; v < NVr; ++v) Vec::store(c + i * ldc + v * W, acc[i][v]);
+  }
+
+  // One panel of NVr * W columns of C, all M rows: B's panel stays in L1 across the rows.
+  template <int NVr>
+  static void panel(int64_t M, int64_t K, const float* a, int64_t a_row, int64_t a_col,
+                    const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+    int64_t i = 0;
+    for (; i + MR <= M; i += MR)
+      micro<MR, NVr>(K, a + i * a_row, a_row, a_col, b, ldb, c + i * ldc, ldc, accumulate);
+    const float* ai = a + i * a_row;
+    float* ci = c + i * ldc;
+    switch (M - i) {  // 0 .. MR - 1 rows left
+      case 2: micro<2, NVr>(K, ai, a_row, a_col, b, ldb, ci, ldc, accumulate); break;
+      case 1: micro<1, NVr>(K, ai, a_row, a_col, b, ldb, ci, ldc, accumulate); break;
+      default: break;
+    }
+  }
+
+  static void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row,
+                   int64_t a_col, const float* b, int64_t ldb, float* c, int64_t ldc,
+                   bool accumulate) {
+    int64_t j = 0;
+    for (; j + NV * W <= N; j += NV * W)
+      panel<NV>(M, K, a, a_row, a_col, b + j, ldb, c + j, ldc, accumulate);
+    switch ((N - j) / W) {  // 0 .. NV - 1 vectors left (N is a multiple of W)
+      case 3: panel<3>(M, K, a, a_row, a_col, b + j, ldb, c + j, ldc, accumulate); break;
+      case 2: panel<2>(M, K, a, a_row, a_col, b + j, ldb, c + j, ldc, accumulate); break;
+      case 1: panel<1>(M, K, a, a_row, a_col, b + j, ldb, c + j, ldc, accumulate); break;
+      default: break;
+    }
+  }
+
+  static void fill_zero(float* x, int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) x[c] = 0.f;
+  }
+
+  static float softmax_step(float* s, int64_t visible, int64_t width, float scale, float* m,
+                            float* l) {
+    if (visible == 0) {  // the row sees no key of this tile: nothing changes
+      fill_zero(s, 0, width);
+      return 1.f;
+    }
+    const int64_t vec_end = visible / W * W;
+    V vmax = Vec::set1(-__builtin_inff());
+    for (int64_t c = 0; c < vec_end; c += W) vmax = Vec::max(vmax, Vec::load(s + c));
+    float row_max = Vec::reduce_max(vmax);
+    for (int64_t c = vec_end; c < visible; ++c) row_max = __builtin_fmaxf(row_max, s[c]);
+    // scale > 0 (checked by the op), so max(scale * s) = scale * max(s).
+    const float m_new = __builtin_fmaxf(*m, scale * row_max);
+    const float alpha = __builtin_expf(*m - m_new);  // 0 on the first tile (*m = -inf)
+    const V vscale = Vec::set1(scale), vm = Vec::set1(m_new);
+    V vsum = Vec::zero();
+    for (int64_t c = 0; c < vec_end; c += W) {
+      const V p = Vec::exp(Vec::sub(Vec::mul(Vec::load(s + c), vscale), vm));
+      Vec::store(s + c, p);
+      vsum = Vec::add(vsum, p);
+    }
+    float sum = Vec::reduce_add(vsum);
+    for (int64_t c = vec_end; c < visible; ++c) {
+      s[c] = __builtin_expf(scale * s[c] - m_new);
+      sum += s[c];
+    }
+    fill_zero(s, visible, width);
+    *l = *l * alpha + sum;
+    *m = m_new;
+    return alpha;
+  }
+
+  static void probs(float* s, const float* lse, int64_t hidden, int64_t visible_end,
+                    int64_t width, float scale) {
+    fill_zero(s, 0, hidden);
+    int64_t c = hidden;
+    const V vscale = Vec::set1(scale);
+    for (; c + W <= visible_end; c += W) {
+      const V x = Vec::sub(Vec::mul(Vec::load(s + c), vscale), Vec::load(lse + c));
+      Vec::store(s + c, Vec::exp(x));
+    }
+    for (; c < visible_end; ++c) s[c] = __builtin_expf(scale * s[c] - lse[c]);
+    fill_zero(s, visible_end, width);
+  }
+
+  static void dscores(float* dp, const float* p, const float* delta, int64_t width) {
+    for (int64_t c = 0; c < width; c += W) {
+      const V d = Vec::sub(Vec::load(dp + c), Vec::load(delta + c));
+      Vec::store(dp + c, Vec::mul(Vec::load(p + c), d));
+    }
+  }
+
+  static void scale(float* x, int64_t width, float alpha) {
+    const V va = Vec::set1(alpha);
+    for (int64_t c = 0; c < width; c += W) Vec::store(x + c, Vec::mul(Vec::load(x + c), va));
+  }
+
+  // constexpr: the table is built at compile time, so loading the library runs no code of
+  // the AVX2 instantiation on a CPU that may lack AVX2.
+  static constexpr TileKernels table(const char* isa) {
+    return TileKernels{isa, &gemm, &softmax_step, &probs, &dscores, &scale};
+  }
+};
