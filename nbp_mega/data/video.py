@@ -202,6 +202,9 @@ def clip_starts(num_frames: int, spec: ClipSpec, name: str) -> list[int]:
 
 
 def _too_short(info: VideoProbe, spec: ClipSpec, num_frames: int) -> VideoError:
+    if len(info.times) == 1:
+        return VideoError(f"{info.path}: a single {info.codec} frame (a still image, not a "
+                          f"video); a clip needs {spec.frames} frames")
     rate = spec.fps or info.src_fps
     return VideoError(
         f"{info.path}: too short for one clip: {num_frames} frames at {rate:g} fps "
