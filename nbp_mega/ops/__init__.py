@@ -4,9 +4,16 @@ Legend: B batch; N heads; Sq queries; Sk keys; D head dim; L block length; P pre
 
 The implementation is chosen once at import (logged), overridable by the environment variable
 NBP_ATTENTION_IMPL or, in tests, by `set_attention_impl` / `use_attention_impl`:
-    block_loop  exact pure PyTorch, no Sq x Sk mask (every device; the default today)
+    fused       the C++/CUDA kernels of nbp_mega._C (csrc/); the default when they are built.
+                Per call, where a kernel does not apply it hands over (logged once per reason):
+                  CPU: the C++ kernel takes float32/float16/bfloat16 (float64 -> block_loop);
+                  CUDA: the CUDA kernel takes float16/bfloat16 and D <= 128, when compiled;
+                        otherwise FlexAttention (torch >= 2.5), else block_loop.
+    flex        FlexAttention with a block-sparse mask (CUDA; CPU forward only, eager)
+    block_loop  exact pure PyTorch, no Sq x Sk mask (every device; the default when
+                nbp_mega._C is not built, with a warning)
     dense       dense mask + one SDPA call: the reference; O(S^2) memory (tests, benchmarks)
-The kernels issue adds fused C++/CUDA implementations here, each entry with its constraints.
+`block_causal_attention_with_lse` also returns the log-sum-exp of each query's scores.
 """
 
 from __future__ import annotations
@@ -17,12 +24,40 @@ import os
 
 import torch
 
+from nbp_mega.ops import flex as _flex
+from nbp_mega.ops import fused as _fused
 from nbp_mega.ops.block_loop import block_loop_attention
-from nbp_mega.ops.reference import dense_block_causal_attention
+from nbp_mega.ops.flex import flex_block_causal_attention
+from nbp_mega.ops.reference import dense_attention_with_lse, dense_block_causal_attention
 
 log = logging.getLogger("nbp_mega.ops")
+_reported: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _reported:
+        _reported.add(message)
+        log.info(message)
+
+
+def _fallback_for(q: torch.Tensor) -> str:
+    return "flex" if q.is_cuda and _flex.AVAILABLE else "block_loop"
+
+
+def fused_block_causal_attention(q, k, v, block_len: int, prefix_len: int = 0,
+                                 q_offset: int = 0, *, scale: float | None = None):
+    """The fused kernel where it applies, else the next best implementation (logged once)."""
+    reason = _fused.unsupported_reason(q)
+    if reason is None:
+        return _fused.fused_attention(q, k, v, block_len, prefix_len, q_offset, scale=scale)[0]
+    fallback = _fallback_for(q)
+    _log_once(f"block-causal attention: {reason}; using {fallback}")
+    return IMPLEMENTATIONS[fallback](q, k, v, block_len, prefix_len, q_offset, scale=scale)
+
 
 IMPLEMENTATIONS = {
+    "fused": fused_block_causal_attention,
+    "flex": flex_block_causal_attention,
     "block_loop": block_loop_attention,
     "dense": dense_block_causal_attention,
 }
@@ -40,6 +75,10 @@ def _select() -> str:
     name = os.environ.get("NBP_ATTENTION_IMPL", "").strip()
     if name:
         return _check_name(name)
+    if _fused.AVAILABLE:
+        return "fused"
+    log.warning("nbp_mega._C is not available (%s): block-causal attention falls back to the "
+                "pure-PyTorch block loop (build it with `make install`)", _fused.IMPORT_ERROR)
     return "block_loop"
 
 
@@ -76,6 +115,8 @@ def _validate(q, k, v, block_len: int, prefix_len: int, q_offset: int) -> None:
     if q_offset + q.shape[-2] > k.shape[-2]:
         raise ValueError(f"queries end at position {q_offset + q.shape[-2]} = q_offset + Sq, "
                          f"beyond the {k.shape[-2]} keys")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
 def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_len: int,
@@ -89,6 +130,31 @@ def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
     """
     _validate(q, k, v, block_len, prefix_len, q_offset)
     return IMPLEMENTATIONS[_current](q, k, v, block_len, prefix_len, q_offset, scale=scale)
+
+
+def block_causal_attention_with_lse(q, k, v, block_len: int, prefix_len: int = 0,
+                                    q_offset: int = 0, *, scale: float | None = None):
+    """As block_causal_attention, plus lse [B, N, Sq] fp32: log sum_j exp(scale q.k_j) over
+    the visible keys (differentiable). Uses the fused kernel where it applies, else the dense
+    reference (O(Sq x Sk) memory) whatever the selected implementation."""
+    _validate(q, k, v, block_len, prefix_len, q_offset)
+    if _fused.unsupported_reason(q) is None:
+        return _fused.fused_attention(q, k, v, block_len, prefix_len, q_offset, scale=scale)
+    return dense_attention_with_lse(q, k, v, block_len, prefix_len, q_offset, scale=scale)
+
+
+def describe() -> dict:
+    """The backends compiled, the implementation selected and where calls go on each device
+    (`python -m nbp_mega.ops --info`)."""
+    routes = {"cpu": _current, "cuda": _current}
+    if _current == "fused":
+        gpu_fallback = "flex" if _flex.AVAILABLE else "block_loop"
+        routes["cpu"] = "fused CPU kernel" if _fused.AVAILABLE else "block_loop"
+        routes["cuda"] = (f"fused CUDA kernel (float16/bfloat16, D <= "
+                          f"{_fused.CUDA_MAX_HEAD_DIM}), else {gpu_fallback}"
+                          if _fused.CUDA_COMPILED else gpu_fallback)
+    return {"extension": _fused.build_info(), "flex_available": _flex.AVAILABLE,
+            "cuda_device": torch.cuda.is_available(), "selected": _current, "routes": routes}
 
 
 set_attention_impl(_select())

@@ -35,3 +35,19 @@ def dense_block_causal_attention(q, k, v, block_len: int, prefix_len: int = 0,
     mask = block_causal_mask(q.shape[-2], k.shape[-2], block_len, prefix_len, q_offset,
                              device=q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def dense_attention_with_lse(q, k, v, block_len: int, prefix_len: int = 0, q_offset: int = 0,
+                             *, scale: float | None = None):
+    """(out [B, N, Sq, D], lse [B, N, Sq]) by explicit masked scores: the oracle of the fused
+    kernel's log-sum-exp, lse = log sum_{j visible} exp(scale * q.k_j), in fp32 (fp64 for
+    fp64 inputs)."""
+    mask = block_causal_mask(q.shape[-2], k.shape[-2], block_len, prefix_len, q_offset,
+                             device=q.device)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    acc_dtype = torch.promote_types(q.dtype, torch.float32)
+    scores = (q @ k.transpose(-1, -2)).to(acc_dtype) * scale  # [B, N, Sq, Sk]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    out = (torch.exp(scores - lse[..., None]).to(v.dtype) @ v)
+    return out, lse

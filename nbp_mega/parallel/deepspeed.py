@@ -154,3 +154,14 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, 
              cfg.parallel.zero_stage, ds_config["train_micro_batch_size_per_gpu"],
              ds_config["gradient_accumulation_steps"], dims.dp)
     return engine
+
+
+def build_plain_engine(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict,
+                       dims: ParallelDims, scheduler=None):
+    """A DeepSpeed engine from a ready JSON dict (data parallel only, e.g. the tokenizer)."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           lr_scheduler=scheduler, config=ds_config,
+                                           mpu=_Mpu(dims), dist_init_required=False)
+    return engine

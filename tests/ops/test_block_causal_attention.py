@@ -11,20 +11,9 @@ import nbp_mega.ops as ops
 from nbp_mega.ops import block_causal_attention, use_attention_impl
 from nbp_mega.ops.block_loop import MAX_MASKED_ROWS, block_loop_attention
 from nbp_mega.ops.reference import block_causal_mask, dense_block_causal_attention
+from tests.ops.attention_cases import errors_vs_fp64, forward_backward, qkv
 
 CASES = [(S, L, P) for S in (40, 97) for L in (1, 4, 16, 5) for P in (0, 3, 8)]
-
-
-def qkv(S, dtype=torch.float32, sq=None, B=2, N=3, D=16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    make = lambda s: torch.randn(B, N, s, D, generator=g, dtype=torch.float64)  # noqa: E731
-    return [t.to(dtype).requires_grad_() for t in (make(sq or S), make(S), make(S))]
-
-
-def forward_backward(fn, q, k, v, *args, **kwargs):
-    out = fn(q, k, v, *args, **kwargs)
-    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out) / out.numel() ** 0.5)
-    return out, grads
 
 
 @pytest.mark.parametrize("S,L,P", CASES)
@@ -39,16 +28,10 @@ def test_block_loop_equals_dense_fp32(S, L, P):
 
 @pytest.mark.parametrize("S,L,P", [(97, 16, 3), (64, 1, 0), (80, 5, 8)])
 def test_block_loop_bf16_error_within_2x_of_pytorch(S, L, P):
-    q64, k64, v64 = qkv(S, torch.float64)
-    exact, exact_grads = forward_backward(dense_block_causal_attention, q64, k64, v64, L, P)
-    errors = {}
-    for name, fn in (("loop", block_loop_attention), ("dense", dense_block_causal_attention)):
-        q, k, v = (t.detach().to(torch.bfloat16).requires_grad_() for t in (q64, k64, v64))
-        out, grads = forward_backward(fn, q, k, v, L, P)
-        errors[name] = [(a.double() - b).abs().max().item()
-                        for a, b in zip((out, *grads), (exact, *exact_grads), strict=True)]
-    for loop_err, dense_err in zip(errors["loop"], errors["dense"], strict=True):
-        assert loop_err <= 2 * dense_err + 1e-3, errors
+    loop = errors_vs_fp64(block_loop_attention, torch.bfloat16, S, L, P)
+    dense = errors_vs_fp64(dense_block_causal_attention, torch.bfloat16, S, L, P)
+    for loop_err, dense_err in zip(loop, dense, strict=True):
+        assert loop_err <= 2 * dense_err + 1e-3, (loop, dense)
 
 
 def test_l1_is_causal_attention():
@@ -116,11 +99,12 @@ def test_no_sequence_by_sequence_tensor(L):
 
 
 def test_dispatch_override_and_errors(monkeypatch):
-    assert ops.attention_impl() == "block_loop"
+    default = ops.attention_impl()
+    assert default in ("fused", "block_loop")
     with use_attention_impl("dense"):
         assert ops.attention_impl() == "dense"
-    assert ops.attention_impl() == "block_loop"
-    with pytest.raises(ValueError, match="valid: block_loop, dense"):
+    assert ops.attention_impl() == default
+    with pytest.raises(ValueError, match="valid: fused, flex, block_loop, dense"):
         ops.set_attention_impl("flash")
     monkeypatch.setenv("NBP_ATTENTION_IMPL", "dense")
     assert ops._select() == "dense"
@@ -139,3 +123,5 @@ def test_bad_arguments():
         block_causal_attention(q, k, v, 0)
     with pytest.raises(ValueError, match="agree"):
         block_causal_attention(q, k[..., :4], v[..., :4], 2)
+    with pytest.raises(ValueError, match="share a dtype"):
+        block_causal_attention(q, k.double(), v, 2)
