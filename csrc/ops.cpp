@@ -122,6 +122,14 @@ TORCH_LIBRARY(nbp_mega, m) {
       &nbp_mega::tile_schedule);
 }
 
+// The forward's derivative (and both fake implementations) are registered from Python:
+// nbp_mega/ops/fused.py. The backward is not differentiable: falling through the autograd
+// key makes its outputs plain tensors, so a double backward fails loudly ("does not require
+// grad") instead of silently dropping terms.
+TORCH_LIBRARY_IMPL(nbp_mega, Autograd, m) {
+  m.impl("block_causal_attention_backward", torch::CppFunction::makeFallthrough());
+}
+
 TORCH_LIBRARY_IMPL(nbp_mega, CPU, m) {
   m.impl("block_causal_attention", &nbp_mega::cpu::forward);
   m.impl("block_causal_attention_backward", &nbp_mega::cpu::backward);

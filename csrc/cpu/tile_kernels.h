@@ -47,7 +47,7 @@ struct TileKernels {
 const TileKernels& generic_kernels();
 const TileKernels* avx2_kernels();
 
-// The fastest table this CPU runs (decided once).
+// The fastest table this CPU runs (decided once; NBP_CPU_ISA=generic forces the portable one).
 const TileKernels& tile_kernels();
 
 }  // namespace nbp_mega::cpu
