@@ -1,0 +1,97 @@
+"""Which implementation block_causal_attention uses, its fallbacks, `--info`, the FlexAttention
+predicate, and that CI really built the extension.
+
+Legend: B batch; N heads; S sequence; D head dim; L block length; P prefix length.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import nbp_mega.ops as ops
+from nbp_mega.ops import block_causal_attention, fused, use_attention_impl
+from nbp_mega.ops.flex import flex_block_causal_attention
+from nbp_mega.ops.reference import dense_block_causal_attention
+from tests.ops.attention_cases import qkv
+
+
+def run_python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env),
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.skipif(os.environ.get("NBP_REQUIRE_EXTENSION") != "1",
+                    reason="only where the build must succeed (CI: NBP_REQUIRE_EXTENSION=1)")
+def test_extension_was_built_with_every_backend_the_machine_can_compile():
+    assert fused.AVAILABLE, fused.IMPORT_ERROR
+    cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    if os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
+        info = fused.build_info()["cuda"]
+        assert info["compiled"] and info["archs"], info
+
+
+@pytest.mark.skipif(not fused.AVAILABLE, reason="nbp_mega._C is not built")
+def test_fused_is_the_default_and_runs_the_kernel(monkeypatch):
+    monkeypatch.delenv("NBP_ATTENTION_IMPL", raising=False)
+    assert ops._select() == "fused"
+    calls = []
+    kernel = fused.fused_attention
+    monkeypatch.setattr(fused, "fused_attention", lambda *a, **kw: calls.append(1) or kernel(
+        *a, **kw))
+    q, k, v = qkv(40)
+    with use_attention_impl("fused"):
+        out = block_causal_attention(q, k, v, 8, 2)
+    assert calls == [1]
+    torch.testing.assert_close(out, dense_block_causal_attention(q, k, v, 8, 2))
+
+
+def test_fused_hands_unsupported_inputs_over_and_says_so(caplog):
+    q, k, v = qkv(40, dtype=torch.float64)  # the CPU kernel takes no float64
+    with caplog.at_level(logging.INFO, logger="nbp_mega.ops"), use_attention_impl("fused"):
+        out = block_causal_attention(q, k, v, 8, 2)
+    assert "using block_loop" in caplog.text
+    torch.testing.assert_close(out, dense_block_causal_attention(q, k, v, 8, 2))
+
+
+def test_info_reports_backends_and_choice():
+    run = run_python("import runpy; runpy.run_module('nbp_mega.ops', run_name='__main__')",
+                     NBP_ATTENTION_IMPL="")
+    assert run.returncode != 0 and "pass --info" in run.stderr  # no flag: a usage error
+    run = subprocess.run([sys.executable, "-m", "nbp_mega.ops", "--info"], capture_output=True,
+                         text=True, timeout=300, env=dict(os.environ, NBP_ATTENTION_IMPL=""))
+    assert run.returncode == 0, run.stderr
+    info = json.loads(run.stdout)
+    assert info["extension"]["built"] == fused.AVAILABLE
+    assert info["selected"] == ("fused" if fused.AVAILABLE else "block_loop")
+    if fused.AVAILABLE:
+        assert info["extension"]["cpu"]["isa"] in ("avx2", "generic")
+        assert info["routes"]["cpu"] == "fused CPU kernel"
+
+
+def test_without_the_extension_the_pure_pytorch_path_runs_and_says_so():
+    code = ("import sys; sys.modules['nbp_mega._C'] = None\n"  # makes `import nbp_mega._C` fail
+            "import json, torch, nbp_mega.ops as ops\n"
+            "q = k = v = torch.randn(1, 2, 10, 4)\n"
+            "ops.block_causal_attention(q, k, v, 2)\n"
+            "print(json.dumps(ops.describe()))")
+    run = run_python(code, NBP_ATTENTION_IMPL="")
+    assert run.returncode == 0, run.stderr
+    assert "nbp_mega._C is not available" in run.stderr  # the logged warning
+    info = json.loads(run.stdout.splitlines()[-1])
+    assert info["selected"] == "block_loop" and info["extension"]["built"] is False
+
+
+@pytest.mark.parametrize("S,L,P,q_offset,sq", [(97, 16, 3, 0, None), (60, 5, 0, 0, None),
+                                                (80, 16, 2, 50, 30)])
+def test_flex_mask_predicate_forward_on_cpu(S, L, P, q_offset, sq):
+    q, k, v = (t.detach() for t in qkv(S, sq=sq))  # FlexAttention has no CPU backward
+    out = flex_block_causal_attention(q, k, v, L, P, q_offset)
+    torch.testing.assert_close(out, dense_block_causal_attention(q, k, v, L, P, q_offset),
+                               atol=1e-5, rtol=1e-5)
