@@ -98,9 +98,28 @@ def report(manifest: dict, output: str) -> None:
         print(f"... {len(manifest['skipped']) - 20} more", file=sys.stderr)
     for name, why in manifest["failed_chunks"].items():
         print(f"FAILED chunk {name}: {why}", file=sys.stderr)
+    hint = training_overrides(manifest, output)
+    if hint:
+        print(f"train on it with: python -m nbp_mega.train CONFIG {hint}", file=sys.stderr)
     print(json.dumps({"manifest": os.path.join(output, "manifest.json"),
                       "skipped": len(manifest["skipped"]),
                       "failed_chunks": len(manifest["failed_chunks"])}))
+
+
+def training_overrides(manifest: dict, output: str) -> str:
+    """The nbp_mega.train overrides that fit these token shards ('' without token shards)."""
+    tok = manifest["options"].get("tokenizer")
+    splits = manifest["shards"].get("tokens", {})
+    if not tok or "train" not in splits:
+        return ""
+    grid = ",".join(str(g) for g in tok["grid"])
+    parts = [f"data.shards={os.path.join(output, 'train')}", f"model.grid=[{grid}]",
+             f"model.vocab_size={tok['codebook_size']}",
+             f"model.num_classes={len(manifest['label_map'])}"]
+    val = next((s for s in ("val", "validation", "test") if s in splits), None)
+    if val:
+        parts.append(f"data.val_shards={os.path.join(output, val)}")
+    return " ".join(parts)
 
 
 def main(argv=None) -> int:

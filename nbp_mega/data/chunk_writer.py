@@ -107,6 +107,23 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def _decoded(video: VideoInput, spec: ClipSpec, note: list):
+    """(probe, clip) of every clip of `video`; appends the probe's note (why the file looks
+    incomplete) to `note`. Any decoding failure becomes a VideoError, so one odd file is one
+    skipped input, never a failed chunk; errors of the caller's own work (tokenizing,
+    writing: raised in the loop body, not in here) still fail the chunk."""
+    try:
+        info = probe(video.path)
+        note += [info.note] if info.note else []
+        for clip in iter_clips(info, spec, start=video.start, end=video.end):
+            yield info, clip
+    except VideoError:
+        raise
+    except Exception as e:  # noqa: BLE001 - PyAV/FFmpeg can raise almost anything on bad data
+        raise VideoError(f"{video.path}: unexpected error while decoding "
+                         f"({type(e).__name__}: {e})") from None
+
+
 # -- one chunk -------------------------------------------------------------------------------
 @dataclass
 class ChunkRun:
@@ -146,14 +163,13 @@ class ChunkRun:
     def _one_input(self, item: dict) -> dict:
         self._check_alive()
         video = VideoInput(**{k: v for k, v in item.items() if k != "id"})
-        clips, error = 0, None
+        clips, error, note = 0, None, []
         try:
-            info = probe(video.path)
-            for clip in iter_clips(info, self.spec, start=video.start, end=video.end):
+            for info, clip in _decoded(video, self.spec, note):
                 self._add(item["id"], video, info, clip)
                 clips += 1
-            if info.note:  # e.g. truncated: the clips of the part that is there are kept
-                error = f"{video.path}: {info.note}; kept the {clips} clips of the readable part"
+            if note:  # e.g. truncated: the clips of the part that is there are kept
+                error = f"{video.path}: {note[0]}; kept the {clips} clips of the readable part"
         except VideoError as e:
             error = str(e)
         if self.progress is not None:

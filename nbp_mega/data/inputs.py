@@ -14,8 +14,9 @@ holds the list, or the tree itself):
                 label [class, label_name]; caption [text]; start [start_time] and end
                 [end_time] in seconds (path rows only: read only that part); split [subset].
   anything else one path per line; blank lines and '#' comments ignored; a trailing integer
-                column (UCF-101's trainlist01.txt) is ignored. The class is the path's first
-                folder (layout classes/auto), as in a tree.
+                column (UCF-101's trainlist01.txt) is ignored. The folders of a path below
+                root name its class (and split) as in a tree, with the same layouts; a path
+                outside root has no label.
 A row that cannot be used (no path, a bad number, a listed-twice path) becomes a Rejected
 entry with the reason; it never stops the listing.
 """
@@ -88,8 +89,9 @@ def _check_split(name: str, where: str) -> None:
 
 
 def _source(path: str, root: str) -> str:
-    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(root))
-    return os.path.abspath(path) if rel.startswith("..") else rel
+    if _outside(path, root):
+        return os.path.abspath(path)
+    return os.path.relpath(os.path.abspath(path), os.path.abspath(root))
 
 
 # -- folder tree -----------------------------------------------------------------------------
@@ -126,27 +128,31 @@ def _tree_input(path: str, parts: list[str], root: str, split: str, layout: str)
 
 # -- plain list ------------------------------------------------------------------------------
 def _from_list(spec: str, root: str, split: str, layout: str):
-    found = []
-    with open(spec, encoding="utf-8", errors="replace") as f:
+    lines = []
+    with open(spec, encoding="utf-8-sig", errors="replace") as f:
         for line in f:
             line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            line = re.sub(r"\s+\d+$", "", line)  # UCF-101 lists: "Class/v_x.avi 1"
-            path = os.path.join(root, line)
-            rel = os.path.normpath(line).split(os.sep)
-            label = rel[0] if layout in ("auto", "classes") and len(rel) > 1 and \
-                not os.path.isabs(line) else None
-            found.append(VideoInput(path=path, source=_source(path, root), split=split,
-                                    label_name=label))
-    if not found:
+            if line and not line.startswith("#"):
+                lines.append(re.sub(r"\s+\d+$", "", line))  # UCF-101 lists: "Class/v_x.avi 1"
+    if not lines:
         raise InputError(f"list {spec} names no videos (expected one path per line)")
-    return found, []
+    paths = [os.path.join(root, line) for line in lines]
+    # Folders in a line play the part they play in a tree (class, or split/class); a path
+    # outside root carries no label.
+    parts = [_source(p, root).split(os.sep) if not _outside(p, root) else [os.path.basename(p)]
+             for p in paths]
+    if layout == "auto":
+        layout = _guess_layout(parts)
+    return [_tree_input(f, p, root, split, layout) for f, p in zip(paths, parts, strict=True)], []
+
+
+def _outside(path: str, root: str) -> bool:
+    return os.path.relpath(os.path.abspath(path), os.path.abspath(root)).startswith("..")
 
 
 # -- CSV / TSV -------------------------------------------------------------------------------
 def _from_table(spec: str, root: str, split: str):
-    with open(spec, encoding="utf-8", newline="") as f:
+    with open(spec, encoding="utf-8-sig", newline="") as f:  # -sig: a BOM is no header
         reader = csv.DictReader(f, delimiter="\t" if spec.lower().endswith(".tsv") else ",")
         header = [(h or "").strip().lower() for h in reader.fieldnames or []]
         if "path" not in header and "youtube_id" not in header:

@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -82,6 +83,11 @@ class PreprocessConfig:
         if self.tokenizer is None and not self.raw:
             raise PreprocessError("nothing to write: give a tokenizer (token shards) and/or "
                                   "raw=True (raw-frame shards)")
+        if (self.clips.frames - 1) % 4:
+            # The tokenizers' causal time axis: frame 0 alone, then groups of 4 (also what
+            # tokenizer training reads from raw shards).
+            raise PreprocessError(f"frames={self.clips.frames}: a clip needs 1 + 4n frames "
+                                  f"(e.g. 9, 17, 33)")
         for name in ("videos_per_chunk", "max_shard_bytes", "max_shard_clips", "batch_size"):
             if getattr(self, name) < 1:
                 raise PreprocessError(f"{name}={getattr(self, name)}: expected >= 1")
@@ -200,10 +206,24 @@ _WORKER: dict = {}  # per worker process: its ChunkRun arguments and progress qu
 def _init_worker(cfg: PreprocessConfig, plan: dict, queue, threads: int) -> None:
     import torch
 
+    _die_with_parent()
     torch.set_num_threads(threads)
     enc = load_encoders(cfg)
     _WORKER.update(cfg=cfg, enc=enc, labels=plan["label_map"], digest=plan_digest(plan),
                    queue=queue, expect=plan["options"]["tokenizer"], parent=os.getppid())
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel kill this worker when the run that spawned it dies (even by
+    SIGKILL), so no orphan keeps writing beside a rerun. Elsewhere the `alive` check between
+    inputs does the same, later."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _worker_chunk(chunk: dict) -> dict:
@@ -409,6 +429,8 @@ def run_preprocess(cfg: PreprocessConfig, *, progress: bool = False) -> tuple[di
 
 
 def _run_plan(cfg: PreprocessConfig, plan: dict, enc: Encoders, progress: bool):
+    # Work folders of an interrupted run: its chunks are redone (or were published) anyway.
+    shutil.rmtree(os.path.join(cfg.output, PARTIAL_DIR), ignore_errors=True)
     digest = plan_digest(plan)
     records = {_name(c): completed_record(cfg.output, c["split"], c["number"], digest)
                for c in plan["chunks"]}
@@ -424,6 +446,8 @@ def _run_plan(cfg: PreprocessConfig, plan: dict, enc: Encoders, progress: bool):
     for chunk in todo:
         records[_name(chunk)] = completed_record(cfg.output, chunk["split"], chunk["number"],
                                                  digest)
+    with contextlib.suppress(OSError):  # left only if a chunk failed midway
+        os.rmdir(os.path.join(cfg.output, PARTIAL_DIR))
     manifest = build_manifest(plan, records, failures)
     write_json_atomic(os.path.join(cfg.output, "manifest.json"), manifest)
     manifest["run"] = {"chunks_done_now": len(todo) - len(failures),
