@@ -26,6 +26,9 @@ class LogConfig:
     block_loss_every: int = option(10, "log loss per block position to TensorBoard every N "
                                    "steps", min=1)
     progress: bool = option(True, "rank-0 progress bar with ETA on stderr")
+    profile_steps: int = option(0, "profile this many steps with torch.profiler and write the "
+                                "time breakdown to <run_dir>/profile/ (0 = off)", min=0)
+    profile_start: int = option(3, "first profiled step (after warm-up)", min=1)
 
 
 def measure_matmul_tflops(device: torch.device, dtype=torch.float32, n: int = 1024,

@@ -6,6 +6,7 @@ S input length; Nt targets per clip; nb blocks; L block length.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from nbp_mega.config_fields import ConfigError, option
+from nbp_mega.profiling import StepProfiler, record_function
 
 
 @dataclass
@@ -83,9 +85,15 @@ class Trainer:
     def train(self) -> None:
         cfg = self.cfg.train
         last = cfg.stop_at or cfg.steps
+        profiler = self._profiler()
         while self.step < last:
-            batch = self.loader.next_batch()
-            record, block_loss = self.train_step(batch)
+            with profiler.step(self.step + 1):
+                waited = time.perf_counter()
+                with record_function("nbp.data"):
+                    batch = self.loader.next_batch()
+                waited = time.perf_counter() - waited
+                record, block_loss = self.train_step(batch)
+            record["data_seconds"] = waited  # not in step_seconds: the loader prefetches
             self.step += 1
             record = {"step": self.step, **record}
             show_blocks = self.step % self.cfg.log.block_loss_every == 0
@@ -96,6 +104,11 @@ class Trainer:
                 self.checkpointer.save(self.engine, self.step, self.state_dict())
         if self.step == cfg.steps and not (cfg.eval_every and cfg.steps % cfg.eval_every == 0):
             self.evaluate()
+
+    def _profiler(self) -> StepProfiler:
+        log = self.cfg.log
+        return StepProfiler(os.path.join(self.cfg.run_dir, "profile"), start=log.profile_start,
+                            steps=log.profile_steps, rank=self.dims.rank)
 
     def _to_device(self, batch):
         tokens = batch.tokens.to(self.dims.device, non_blocking=True)
@@ -114,7 +127,8 @@ class Trainer:
             rows = slice(i * self.micro, (i + 1) * self.micro)
             token_loss = self.engine(input_ids[rows], targets[rows])  # [m, Nt]
             self.engine.backward(token_loss.mean())
-            self.engine.step()
+            with record_function("nbp.optimizer"):
+                self.engine.step()
             per_block = token_loss.detach().view(self.micro, -1, self.layout.block_len)
             block_loss += per_block.mean(dim=(0, 2)).double()
         block_loss = _all_reduce_mean(block_loss / self.accum, self.dims.dp_group, self.dims.dp)

@@ -1,0 +1,107 @@
+"""Where a training step's time goes: torch.profiler over a few steps, summed into categories.
+
+Steps are marked with `record_function` ranges (`nbp.data`, `nbp.optimizer`); every profiled
+operator's self time goes to the first category that claims it:
+    communication  torch.distributed collectives (gloo/NCCL, DeepSpeed ZeRO gathers/reductions)
+    optimizer      anything else inside `nbp.optimizer` (the AdamW update)
+    data           anything else inside `nbp.data` (waiting for the loader)
+    attention      block-causal attention kernels (fused op, SDPA, flex)
+    matmul         mm / addmm / bmm / linear kernels
+    other          the rest (element-wise ops, norms, softmax-CE, copies, framework overhead)
+`other` also absorbs step time no operator accounts for (Python between ops), so the
+categories add up to the profiled steps' wall time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+CATEGORIES = ("attention", "matmul", "communication", "optimizer", "data", "other")
+_COMM = ("gloo", "nccl", "c10d", "all_gather", "allgather", "reduce_scatter", "all_reduce",
+         "allreduce", "broadcast", "record_param_comms")
+_ATTENTION = ("block_causal_attention", "scaled_dot_product", "flash_attention",
+              "flex_attention")
+_MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation")
+
+
+def _claims(name: str, needles) -> bool:
+    name = name.lower()
+    return any(n in name for n in needles)
+
+
+def _category(event) -> str | None:
+    """The category of one operator event, from its name and its enclosing ranges."""
+    if _claims(event.name, _COMM):
+        return "communication"
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name == "nbp.optimizer":
+            return "optimizer"
+        if parent.name == "nbp.data":
+            return "data"
+        parent = parent.cpu_parent
+    if _claims(event.name, _ATTENTION):
+        return "attention"
+    if event.name in _MATMUL:
+        return "matmul"
+    return None
+
+
+def breakdown(prof, wall_seconds: float) -> dict:
+    """{category: seconds} over the profiled steps, plus `fraction` of the wall time each."""
+    seconds = dict.fromkeys(CATEGORIES, 0.0)
+    for event in prof.events():
+        if event.name.startswith("nbp."):  # our ranges: their time is their children's
+            continue
+        category = _category(event)
+        if category is not None:
+            seconds[category] += event.self_cpu_time_total / 1e6
+    seconds["other"] = max(wall_seconds - sum(seconds.values()), 0.0)
+    total = sum(seconds.values()) or 1.0
+    return {"seconds": seconds, "fraction": {k: v / total for k, v in seconds.items()},
+            "wall_seconds": wall_seconds}
+
+
+class StepProfiler:
+    """Profiles steps [start, start + steps) of a loop (1-based step numbers) and writes
+    `<out_dir>/profile_rank{rank}.json` (the breakdown) and a Chrome trace beside it."""
+
+    def __init__(self, out_dir: str, *, start: int, steps: int, rank: int = 0):
+        self.out_dir, self.start, self.steps, self.rank = out_dir, start, steps, rank
+        self._prof, self._began, self.result = None, 0.0, None
+
+    @contextlib.contextmanager
+    def step(self, step: int):
+        """Wrap step number `step` (1-based) of the loop."""
+        if self.steps and step == self.start:
+            activities = [ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(ProfilerActivity.CUDA)
+            self._prof = profile(activities=activities)
+            self._prof.__enter__()
+            self._began = time.perf_counter()
+        yield
+        if self._prof is not None and step == self.start + self.steps - 1:
+            self._finish()
+
+    def _finish(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - self._began
+        self._prof.__exit__(None, None, None)
+        self.result = {"steps": self.steps, **breakdown(self._prof, wall)}
+        os.makedirs(self.out_dir, exist_ok=True)
+        with open(os.path.join(self.out_dir, f"profile_rank{self.rank}.json"), "w") as f:
+            json.dump(self.result, f, indent=1)
+        self._prof.export_chrome_trace(os.path.join(self.out_dir,
+                                                    f"trace_rank{self.rank}.json"))
+        self._prof = None
+
+
+__all__ = ["CATEGORIES", "StepProfiler", "breakdown", "record_function"]
