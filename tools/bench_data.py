@@ -1,14 +1,16 @@
 """Data throughput: the training loader alone vs what training consumes, on this machine.
 
     python tools/bench_data.py --json [--config configs/tiny.yaml] [--ranks 2 1]
-        [--seconds 5] [--steps 6] [--preprocess]
+        [--epochs 2] [--steps 6] [--preprocess]
 
 loader     samples/s of `build_loaders` (nbp_mega/data/loader.py, what train.py uses) over
            synthetic token shards of the config's grid, vocabulary and classes
            (nbp_mega.data.synthetic, 256 clips a shard), with the config's data section
            (workers, shuffle buffer) and global batch. One process makes every global batch
            (dp = 1): the hard case, since with dp ranks each rank's loader makes only its share.
-           A few untimed batches start the workers; then batches are taken for --seconds.
+           A few untimed batches start the workers; then --epochs whole epochs of batches are
+           timed, so the per-epoch buffer refills (a stream's shuffle buffer never mixes two
+           epochs) are in the average; the longest wait for one batch is reported too.
 training   samples/s the real trainer consumes: `bash launch.sh CONFIG` (torchrun,
            nbp_mega.train, DeepSpeed with the config's ZeRO stage: 3 for tiny.yaml) for
            --steps steps, with --ranks processes. Rate = global batch / median step_seconds of
@@ -71,7 +73,7 @@ def write_shards(cfg, out: str, batches_per_epoch: int) -> str:
 
 
 # -- the loader alone ------------------------------------------------------------------------
-def measure_loader(cfg, shards: str, seconds: float) -> dict:
+def measure_loader(cfg, shards: str, epochs: int, batches_per_epoch: int) -> dict:
     from nbp_mega.data.loader import build_loaders
 
     cfg.data.shards, cfg.data.val_shards = shards, ""
@@ -81,15 +83,18 @@ def measure_loader(cfg, shards: str, seconds: float) -> dict:
     try:
         for _ in range(WARMUP_BATCHES):
             loader.next_batch()
-        batches, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
+        batches, longest = epochs * batches_per_epoch, 0.0
+        start = time.perf_counter()
+        for _ in range(batches):
+            before = time.perf_counter()
             loader.next_batch()
-            batches += 1
+            longest = max(longest, time.perf_counter() - before)
         elapsed = time.perf_counter() - start
     finally:
         loader.close()
     samples = batches * cfg.train.global_batch
     return {"samples_per_s": samples / elapsed, "samples": samples, "seconds": elapsed,
+            "longest_batch_wait_s": longest,
             "num_workers": cfg.data.num_workers, "shuffle_buffer": cfg.data.shuffle_buffer,
             "streams": loader.spec.num_streams, "shards": len(loader.spec.paths)}
 
@@ -151,7 +156,7 @@ def main(argv=None) -> int:
     p.add_argument("--ranks", type=int, nargs="+", default=[2, 1],
                    help="training setups to time (processes of launch.sh)")
     p.add_argument("--steps", type=int, default=6, help="training steps per setup")
-    p.add_argument("--seconds", type=float, default=5.0, help="loader timing window")
+    p.add_argument("--epochs", type=int, default=2, help="loader epochs to time")
     p.add_argument("--batches-per-epoch", type=int, default=256,
                    help="synthetic data size in global batches")
     p.add_argument("--preprocess", action="store_true", help="also time preprocessing")
@@ -168,7 +173,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(dir=args.work_dir) as work:
         cfg = load_config(args.config)
         shards = write_shards(cfg, os.path.join(work, "shards"), args.batches_per_epoch)
-        report["loader"] = measure_loader(cfg, shards, args.seconds)
+        report["loader"] = measure_loader(cfg, shards, args.epochs, args.batches_per_epoch)
         report["training"] = [measure_training(args.config, shards, r, args.steps, work,
                                                cfg.train.global_batch) for r in args.ranks]
         if args.preprocess:

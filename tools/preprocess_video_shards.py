@@ -24,7 +24,8 @@ from nbp_mega.data.video import ClipSpec
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     io = p.add_argument_group("inputs and outputs")
     io.add_argument("--input", required=True, help="folder tree, .csv/.tsv, or list of paths")
     io.add_argument("--output", required=True, help="output folder (new, or one to resume)")
