@@ -203,14 +203,20 @@ def _plan_change(old: dict, new: dict) -> str:
 _WORKER: dict = {}  # per worker process: its ChunkRun arguments and progress queue
 
 
-def _init_worker(cfg: PreprocessConfig, plan: dict, queue, threads: int) -> None:
+def _job(plan: dict) -> dict:
+    """What running a chunk needs of the plan (not its input list: a worker gets chunks one
+    by one, and hashing the whole plan per chunk would cost O(inputs) each time)."""
+    return {"labels": plan["label_map"], "digest": plan_digest(plan),
+            "expect": plan["options"]["tokenizer"]}
+
+
+def _init_worker(cfg: PreprocessConfig, job: dict, queue, threads: int) -> None:
     import torch
 
     _die_with_parent()
     torch.set_num_threads(threads)
     enc = load_encoders(cfg)
-    _WORKER.update(cfg=cfg, enc=enc, labels=plan["label_map"], digest=plan_digest(plan),
-                   queue=queue, expect=plan["options"]["tokenizer"], parent=os.getppid())
+    _WORKER.update(cfg=cfg, enc=enc, queue=queue, parent=os.getppid(), **job)
 
 
 def _die_with_parent() -> None:
@@ -281,12 +287,12 @@ class _Progress:
         return time.perf_counter() - self.start
 
 
-def _run_inline(cfg, plan, todo, enc, progress) -> dict:
+def _run_inline(cfg, job, todo, enc, progress) -> dict:
     """{chunk name: failure reason} after running `todo` chunks in this process."""
     failures = {}
     for chunk in todo:
         try:
-            _chunk_run(cfg, chunk, enc, plan["label_map"], plan_digest(plan), progress).run()
+            _chunk_run(cfg, chunk, enc, job["labels"], job["digest"], progress).run()
         except Exception as e:  # noqa: BLE001 - reported in the manifest, the run goes on
             failures[_name(chunk)] = f"{type(e).__name__}: {e}"
     return failures
@@ -296,7 +302,7 @@ def _name(chunk: dict) -> str:
     return f"{chunk['split']}/{chunk['number']:06d}"
 
 
-def _run_pool(cfg, plan, todo, progress) -> dict:
+def _run_pool(cfg, job, todo, progress) -> dict:
     """Like _run_inline in `cfg.workers` spawned processes. A chunk whose worker dies is
     retried once in a fresh pool (the crash may have been a neighbour's)."""
     import multiprocessing as mp
@@ -306,7 +312,7 @@ def _run_pool(cfg, plan, todo, progress) -> dict:
     threads = cfg.threads or max(1, (os.cpu_count() or 1) // cfg.workers)
     failures, attempts, remaining = {}, {}, list(todo)
     while remaining:
-        crashed = _pool_pass(ctx, queue, cfg, plan, remaining, threads, progress, failures)
+        crashed = _pool_pass(ctx, queue, cfg, job, remaining, threads, progress, failures)
         for chunk in crashed:
             attempts[_name(chunk)] = attempts.get(_name(chunk), 0) + 1
         remaining = [c for c in crashed if attempts[_name(c)] < 2]
@@ -316,14 +322,14 @@ def _run_pool(cfg, plan, todo, progress) -> dict:
     return failures
 
 
-def _pool_pass(ctx, queue, cfg, plan, chunks, threads, progress, failures) -> list[dict]:
+def _pool_pass(ctx, queue, cfg, job, chunks, threads, progress, failures) -> list[dict]:
     """Run `chunks` in one pool; record errors in `failures`; return the chunks whose worker
     died (a broken pool fails every chunk it still held)."""
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
     pool = ProcessPoolExecutor(max_workers=min(cfg.workers, len(chunks)), mp_context=ctx,
-                               initializer=_init_worker, initargs=(cfg, plan, queue, threads))
+                               initializer=_init_worker, initargs=(cfg, job, queue, threads))
     crashed = []
     try:
         pending = {pool.submit(_worker_chunk, c): c for c in chunks}
@@ -438,9 +444,9 @@ def _run_plan(cfg: PreprocessConfig, plan: dict, enc: Encoders, progress: bool):
     bar = _Progress(sum(len(c["inputs"]) for c in todo), progress)
     try:
         if cfg.workers == 0:
-            failures = _run_inline(cfg, plan, todo, enc, bar)
+            failures = _run_inline(cfg, _job(plan), todo, enc, bar)
         else:
-            failures = _run_pool(cfg, plan, todo, bar)
+            failures = _run_pool(cfg, _job(plan), todo, bar)
     finally:
         seconds = bar.close()
     for chunk in todo:
