@@ -92,7 +92,8 @@ def test_zero3_on_two_ranks_matches_zero0_in_one_process(shards, tmp_path):
         run([sys.executable, "-m", "nbp_mega.train", f"{ROOT}/configs/tiny.yaml",
              *overrides(shards, runs[name], *extra)], cwd=tmp_path)
     run(["bash", f"{ROOT}/launch.sh", f"{ROOT}/configs/tiny.yaml",
-         *overrides(shards, runs["tp2"], "parallel.tensor=2", "parallel.zero_stage=3")],
+         *overrides(shards, runs["tp2"], "parallel.tensor=2", "parallel.zero_stage=3",
+                    "log.profile_start=2", "log.profile_steps=2")],
         cwd=tmp_path, NPROC_PER_NODE="2")
     records = {name: train_records(path) for name, path in runs.items()}
     a = records["z3"]
@@ -109,6 +110,14 @@ def test_zero3_on_two_ranks_matches_zero0_in_one_process(shards, tmp_path):
         assert a[0][key] > 0
     assert (runs["z3"] / "checkpoints" / "latest").read_text() == "step_00000006"
     assert os.listdir(runs["z3"] / "tensorboard")
+    for rank in (0, 1):  # profiled steps 2-3: the time breakdown of each rank
+        with open(runs["tp2"] / "profile" / f"profile_rank{rank}.json") as f:
+            profile = json.load(f)
+        assert profile["steps"] == 2 and sum(profile["fraction"].values()) == pytest.approx(1)
+        seconds = profile["seconds"]
+        assert seconds["matmul"] > 0 and seconds["attention"] > 0
+        assert seconds["communication"] > 0 and seconds["optimizer"] > 0
+        assert (runs["tp2"] / "profile" / f"trace_rank{rank}.json").stat().st_size > 0
     evals = read_metrics(os.path.join(runs["z3"], "metrics.jsonl"))[1]
     assert [e["step"] for e in evals] == [3, 6]
 
