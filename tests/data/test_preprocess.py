@@ -12,6 +12,7 @@ import glob
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -137,6 +138,11 @@ def test_webdataset_and_tarfile_read_the_shards_without_duplicates(reference):
         assert set(sample) == {"tokens.npy", "json"}
         assert by_wds[key]["tokens.npy"] == sample["tokens.npy"]
     assert len(samples_of(out, "raw/train")) == len(by_tar)
+    if shutil.which("tar"):  # the tar program too
+        listed = subprocess.run(["tar", "-tf", paths[0]], capture_output=True, text=True,
+                                check=True).stdout.split()
+        assert listed == [m.name for m in tarfile.open(paths[0]).getmembers()]
+        assert {name.split(".", 1)[1] for name in listed} == {"tokens.npy", "json"}
 
 
 def test_metadata_fields_and_token_dtype(tree, reference):
