@@ -7,10 +7,12 @@
 // G groups of key tiles in the backward (each with its own dq partial sum).
 //
 // Work is split into tasks (forward: one query tile of one head; backward: every G-th key tile
-// of one head) handed to torch's intra-op OpenMP threads one at a time. Inputs are first
-// copied by ATen into fp32, zero-padded, contiguous buffers (and transposed where a GEMM
-// wants its B operand so): this handles any strides and bf16/fp16 inputs, and the O(S D) copy
-// is small next to the O(S^2 D) products.
+// of one head) handed to torch's intra-op OpenMP threads one at a time. Operands read by rows
+// (q, k, v, grad_out) are used in place when they are fp32 with D = Dp and each head's rows
+// contiguous; otherwise ATen copies them into fp32, zero-padded buffers (bf16/fp16,
+// D % 8 != 0, rows far apart). Operands
+// a GEMM wants transposed (k in the forward; q, grad_out in the backward) are always copied
+// once, transposed and padded: an O(S D) copy, small next to the O(S^2 D) products.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -29,15 +31,61 @@ namespace {
 constexpr int64_t BQ = 64;  // query rows per tile
 constexpr int64_t BK = 64;  // keys per tile
 
-// x [B, N, S, D] -> fp32 [B, N, rows, dp], zero-padded (rows >= S, dp >= D), contiguous.
-at::Tensor padded_f32(const at::Tensor& x, int64_t rows, int64_t dp) {
-  return at::constant_pad_nd(x.to(at::kFloat), {0, dp - x.size(3), 0, rows - x.size(2)})
-      .contiguous();
+// Row r of head h (h = b * N + n) of a [B, N, S, Dp] fp32 tensor with any strides over B, N
+// and S: how the kernels read q, k, v and grad_out.
+struct Rows {
+  const float* data;
+  int64_t heads_per_batch, batch_stride, head_stride, row_stride;
+
+  const float* at(int64_t h, int64_t r) const {
+    return data + h / heads_per_batch * batch_stride + h % heads_per_batch * head_stride +
+           r * row_stride;
+  }
+};
+
+// x [B, N, S, D] as Rows of dp floats: x itself when it is fp32 with D = dp and unit stride
+// over D (and, if `dense`, each head's rows contiguous), else a zero-padded fp32 copy
+// [B, N, S, dp]; `keep` holds the tensor the rows point into. GEMM operands want `dense`: the
+// model's q, k, v are views of a [B, S, N, 3, D] projection, and tiles of 64 rows pages apart
+// thrash L1 sets and the TLB, which measured slower than the copy.
+Rows rows_of(const at::Tensor& x, int64_t dp, bool dense, at::Tensor& keep) {
+  const int64_t d = x.size(3);
+  const bool in_place = x.scalar_type() == at::kFloat && d == dp && x.stride(3) == 1 &&
+                        (!dense || x.size(2) <= 1 || x.stride(2) == dp);
+  if (in_place) {
+    keep = x;
+  } else {  // one copy (constant_pad_nd measured 4x slower than this on strided inputs)
+    keep = at::empty({x.size(0), x.size(1), x.size(2), dp}, x.options().dtype(at::kFloat));
+    keep.narrow(3, 0, d).copy_(x);
+    if (dp > d) keep.narrow(3, d, dp - d).zero_();
+  }
+  return Rows{keep.const_data_ptr<float>(), std::max<int64_t>(keep.size(1), 1), keep.stride(0),
+              keep.stride(1), keep.stride(2)};
 }
 
-// The same, transposed to [B, N, dp, rows]: the B operand of a product over the head dim.
-at::Tensor padded_f32_t(const at::Tensor& x, int64_t rows, int64_t dp) {
-  return padded_f32(x, rows, dp).transpose(2, 3).contiguous();
+// The S rows of every head of x, transposed: fp32 [B, N, dp, cols], zero past column S: the
+// B operand of a product over the head dim. Blocks of 16 rows, so that each column of a block
+// is one cache line written (ATen's transposing copy_ measured 2x slower than a plain copy,
+// 6x from the model's strided q, k, v).
+at::Tensor transposed(const Rows& x, int64_t B, int64_t N, int64_t s, int64_t dp, int64_t cols,
+                      const at::TensorOptions& options) {
+  constexpr int64_t kRows = 16;
+  at::Tensor t = at::empty({B, N, dp, cols}, options.dtype(at::kFloat));
+  float* out = t.data_ptr<float>();
+  at::parallel_for(0, B * N, 1, [&](int64_t h0, int64_t h1) {
+    for (int64_t h = h0; h < h1; ++h) {
+      float* th = out + h * dp * cols;
+      for (int64_t r0 = 0; r0 < s; r0 += kRows) {
+        const int64_t n = std::min(kRows, s - r0);
+        const float* src[kRows];
+        for (int64_t i = 0; i < n; ++i) src[i] = x.at(h, r0 + i);
+        for (int64_t c = 0; c < dp; ++c)
+          for (int64_t i = 0; i < n; ++i) th[c * cols + r0 + i] = src[i][c];
+      }
+      for (int64_t c = 0; c < dp; ++c) std::fill(th + c * cols + s, th + (c + 1) * cols, 0.f);
+    }
+  });
+  return t;
 }
 
 // Runs task(i, scratch) for every i in [0, n) on torch's intra-op threads. Each thread takes
@@ -55,9 +103,9 @@ struct Forward {
   BlockCausalSchedule sched;
   int64_t heads, dp, skp;
   float scale;
-  const float* q;   // [H, Sq, Dp]
+  Rows q;           // [H, Sq, Dp]
   const float* kt;  // [H, Dp, Skp]
-  const float* v;   // [H, Skp, Dp]
+  Rows v;           // [H, Sk, Dp]
   float* out;       // [H, Sq, Dp]
   float* lse;       // [H, Sq]
 
@@ -67,9 +115,9 @@ struct Forward {
   void tile(int64_t h, int64_t q0, float* scratch) const {
     const TileKernels& kern = tile_kernels();
     const int64_t sq = sched.sq, sk = sched.sk, rows = std::min(BQ, sq - q0);
-    const float* qh = q + (h * sq + q0) * dp;
+    const float* qh = q.at(h, q0);
     const float* kth = kt + h * dp * skp;
-    const float* vh = v + h * skp * dp;
+    const float* vh = v.at(h, 0);
     float* s = scratch;          // [BQ, BK] scores, then probabilities
     float* acc = s + BQ * BK;    // [BQ, Dp] unnormalised output
     float* m = acc + BQ * dp;    // [BQ] running max of scale * score
@@ -80,14 +128,15 @@ struct Forward {
     const int64_t n_tiles = sched.key_tiles(q0, q0 + rows, BK);
     for (int64_t t = 0; t < n_tiles; ++t) {
       const int64_t k0 = t * BK, width = std::min(BK, sk - k0), widthp = round_up(width, kPad);
-      kern.gemm(rows, widthp, dp, qh, dp, 1, kth + k0, skp, s, BK, false);  // S = Q K^T
+      kern.gemm(rows, widthp, dp, qh, q.row_stride, 1, kth + k0, skp, s, BK, false);  // Q K^T
       const bool partial = sched.classify(q0, q0 + rows, k0, k0 + width) == kTilePartial;
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t visible = partial ? sched.visible_keys(q0 + r, k0, width) : width;
         const float alpha = kern.softmax_step(s + r * BK, visible, widthp, scale, m + r, l + r);
         if (alpha != 1.f) kern.scale(acc + r * dp, dp, alpha);
       }
-      kern.gemm(rows, dp, widthp, s, BK, 1, vh + k0 * dp, dp, acc, dp, true);  // O += P V
+      // O += P V over the tile's `width` keys (V has no padding rows to read)
+      kern.gemm(rows, dp, width, s, BK, 1, vh + k0 * v.row_stride, v.row_stride, acc, dp, true);
     }
     for (int64_t r = 0; r < rows; ++r) {
       kern.scale(acc + r * dp, dp, 1.f / l[r]);
@@ -109,12 +158,12 @@ struct Backward {
   BlockCausalSchedule sched;
   int64_t heads, dp, sqp, groups;
   float scale;
-  const float* q;      // [H, Sq, Dp]
+  Rows q;              // [H, Sq, Dp]
   const float* qt;     // [H, Dp, Sqp]
-  const float* dout;   // [H, Sq, Dp]
+  Rows dout;           // [H, Sq, Dp]
   const float* doutt;  // [H, Dp, Sqp]
-  const float* k;      // [H, Sk, Dp]
-  const float* v;      // [H, Sk, Dp]
+  Rows k;              // [H, Sk, Dp]
+  Rows v;              // [H, Sk, Dp]
   const float* lse;    // [H, Sqp]
   const float* delta;  // [H, Sqp]
   float* dq;           // [G, H, Sq, Dp] partial sums, scaled at the end
@@ -129,25 +178,26 @@ struct Backward {
   void tile(int64_t h, int64_t k0, int64_t keys, int64_t q0, float* dq_h, float* scratch) const {
     const TileKernels& kern = tile_kernels();
     const int64_t sq = sched.sq, rows = std::min(BQ, sq - q0), rowsp = round_up(rows, kPad);
-    const float* kh = k + (h * sched.sk + k0) * dp;
-    const float* vh = v + (h * sched.sk + k0) * dp;
+    const float* kh = k.at(h, k0);
+    const float* vh = v.at(h, k0);
     float* pt = scratch;                       // [BK, BQ] P^T
     float* dst = pt + BK * BQ;                 // [BK, BQ] dP^T, then dS^T
     float* dk_acc = dst + BK * BQ;             // [BK, Dp]
     float* dv_acc = dk_acc + BK * dp;          // [BK, Dp]
-    kern.gemm(keys, rowsp, dp, kh, dp, 1, qt + h * dp * sqp + q0, sqp, pt, BQ, false);
+    kern.gemm(keys, rowsp, dp, kh, k.row_stride, 1, qt + h * dp * sqp + q0, sqp, pt, BQ, false);
     const bool partial = sched.classify(q0, q0 + rows, k0, k0 + keys) == kTilePartial;
     for (int64_t c = 0; c < keys; ++c) {
       const int64_t hidden = partial ? sched.hidden_rows(k0 + c, q0, rows) : 0;
       kern.probs(pt + c * BQ, lse + h * sqp + q0, hidden, rows, rowsp, scale);
     }
-    kern.gemm(keys, rowsp, dp, vh, dp, 1, doutt + h * dp * sqp + q0, sqp, dst, BQ, false);
+    kern.gemm(keys, rowsp, dp, vh, v.row_stride, 1, doutt + h * dp * sqp + q0, sqp, dst, BQ,
+              false);
     for (int64_t c = 0; c < keys; ++c)
       kern.dscores(dst + c * BQ, pt + c * BQ, delta + h * sqp + q0, rowsp);
-    kern.gemm(keys, dp, rows, pt, BQ, 1, dout + (h * sq + q0) * dp, dp, dv_acc, dp, true);
-    kern.gemm(keys, dp, rows, dst, BQ, 1, q + (h * sq + q0) * dp, dp, dk_acc, dp, true);
+    kern.gemm(keys, dp, rows, pt, BQ, 1, dout.at(h, q0), dout.row_stride, dv_acc, dp, true);
+    kern.gemm(keys, dp, rows, dst, BQ, 1, q.at(h, q0), q.row_stride, dk_acc, dp, true);
     // dQ += dS K, with dS read through the transposed tile (A's row stride 1, column BQ)
-    kern.gemm(rows, dp, keys, dst, 1, BQ, kh, dp, dq_h + q0 * dp, dp, true);
+    kern.gemm(rows, dp, keys, dst, 1, BQ, kh, k.row_stride, dq_h + q0 * dp, dp, true);
   }
 
   // Key tiles g, g + G, g + 2G, ... of head h (interleaved: early key tiles are seen by more
@@ -197,14 +247,15 @@ std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor
                          q_offset, scale);
   const int64_t B = q.size(0), N = q.size(1), sq = q.size(2), sk = k.size(2), d = q.size(3);
   const int64_t dp = round_up(d, kPad), skp = round_up(sk, kPad);
-  const at::Tensor qf = padded_f32(q, sq, dp), ktf = padded_f32_t(k, skp, dp);
-  const at::Tensor vf = padded_f32(v, skp, dp);
+  at::Tensor q_keep, k_keep, v_keep;
+  const Rows q_rows = rows_of(q, dp, true, q_keep), v_rows = rows_of(v, dp, true, v_keep);
+  const at::Tensor ktf = transposed(rows_of(k, dp, false, k_keep), B, N, sk, dp, skp, q.options());
   at::Tensor out = at::empty({B, N, sq, dp}, q.options().dtype(at::kFloat));
   at::Tensor lse = at::empty({B, N, sq}, q.options().dtype(at::kFloat));
   if (out.numel() > 0) {
     const Forward fwd{make_schedule(q, k, block_len, prefix_len, q_offset), B * N, dp, skp,
-                      static_cast<float>(scale), qf.data_ptr<float>(), ktf.data_ptr<float>(),
-                      vf.data_ptr<float>(), out.data_ptr<float>(), lse.data_ptr<float>()};
+                      static_cast<float>(scale), q_rows, ktf.data_ptr<float>(), v_rows,
+                      out.data_ptr<float>(), lse.data_ptr<float>()};
     fwd.run();
   }
   return {unpad(out, d, q.scalar_type()), lse};
@@ -219,9 +270,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   const int64_t B = q.size(0), N = q.size(1), sq = q.size(2), sk = k.size(2), d = q.size(3);
   const int64_t dp = round_up(d, kPad), sqp = round_up(sq, kPad);
   const int64_t groups = backward_groups(B * N, ceil_div(sk, BK));
-  const at::Tensor qf = padded_f32(q, sq, dp), qtf = padded_f32_t(q, sqp, dp);
-  const at::Tensor dof = padded_f32(grad_out, sq, dp), dotf = padded_f32_t(grad_out, sqp, dp);
-  const at::Tensor kf = padded_f32(k, sk, dp), vf = padded_f32(v, sk, dp);
+  at::Tensor q_keep, do_keep, k_keep, v_keep;
+  const Rows q_rows = rows_of(q, dp, true, q_keep), do_rows = rows_of(grad_out, dp, true, do_keep);
+  const Rows k_rows = rows_of(k, dp, true, k_keep), v_rows = rows_of(v, dp, true, v_keep);
+  const at::Tensor qtf = transposed(q_rows, B, N, sq, dp, sqp, q.options());
+  const at::Tensor dotf = transposed(do_rows, B, N, sq, dp, sqp, q.options());
   const at::Tensor lsef = at::constant_pad_nd(lse.to(at::kFloat), {0, sqp - sq}).contiguous();
   const at::Tensor delta =
       at::constant_pad_nd(softmax_backward_delta(grad_out, out, grad_lse), {0, sqp - sq})
@@ -232,9 +285,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   if (dk.numel() > 0) {
     const Backward bwd{make_schedule(q, k, block_len, prefix_len, q_offset), B * N, dp, sqp,
                        groups,
-                       static_cast<float>(scale), qf.data_ptr<float>(), qtf.data_ptr<float>(),
-                       dof.data_ptr<float>(), dotf.data_ptr<float>(), kf.data_ptr<float>(),
-                       vf.data_ptr<float>(), lsef.data_ptr<float>(), delta.data_ptr<float>(),
+                       static_cast<float>(scale), q_rows, qtf.data_ptr<float>(), do_rows,
+                       dotf.data_ptr<float>(), k_rows, v_rows, lsef.data_ptr<float>(),
+                       delta.data_ptr<float>(),
                        dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>()};
     bwd.run();
   }

@@ -78,6 +78,29 @@ def test_model_layout_strided_inputs():
     torch.testing.assert_close(grad, ref_grad, atol=1e-4, rtol=1e-4)
 
 
+def layout_views(layout: str, B=2, N=3, S=150, D=16):
+    """q, k, v [B, N, S, D] fp32 requiring grad, as views of one tensor laid out otherwise."""
+    g = torch.Generator().manual_seed(0)
+    if layout == "projection_d20":  # the model's views, D % 8 != 0: every operand copied
+        base = torch.randn(B, S, N, 3, 20, generator=g).requires_grad_()
+        return base.permute(3, 0, 2, 1, 4).unbind(0)
+    if layout == "heads_first":  # [N, B, S, D] transposed: rows contiguous, read in place
+        base = torch.randn(3, N, B, S, D, generator=g).requires_grad_()
+        return base.transpose(1, 2).unbind(0)
+    assert layout == "every_other_head"  # a head slice: rows contiguous, read in place
+    base = torch.randn(3, B, 2 * N, S, D, generator=g).requires_grad_()
+    return base[:, :, ::2].unbind(0)
+
+
+@pytest.mark.parametrize("layout", ["projection_d20", "heads_first", "every_other_head"])
+def test_input_layouts(layout):
+    """fp32 rows are read in place where each head's rows are contiguous, else copied; S = 150
+    leaves a ragged last key tile (no padding rows behind v read in place)."""
+    q, k, v = layout_views(layout)
+    assert not q.is_contiguous()
+    assert_matches_reference(q, k, v, 16, 2)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("S,L,P", [(97, 16, 3), (128, 1, 0), (80, 5, 8), (300, 256, 0)])
 def test_low_precision_error_within_2x_of_pytorch(dtype, S, L, P):
