@@ -58,7 +58,9 @@ class SequenceLayout:
                 raise ValueError("model.num_classes > 0 but the batch has no labels")
             if labels.min() < 0 or labels.max() >= self.cfg.num_classes:
                 raise ValueError(f"class labels must be in [0, {self.cfg.num_classes}) = "
-                                 f"model.num_classes, got {labels.min()}..{labels.max()}")
+                                 f"model.num_classes, got {labels.min()}..{labels.max()} "
+                                 f"(-1 is a clip without a label: train on labelled shards "
+                                 f"or set model.num_classes=0)")
             parts.append((self.class_offset + labels)[:, None].expand(B, self.prefix_len))
         if self.cfg.start_block:
             parts.append(seq.new_full((B, L), self.start_token))
