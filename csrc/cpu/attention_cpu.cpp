@@ -118,10 +118,11 @@ struct Forward {
     const float* qh = q.at(h, q0);
     const float* kth = kt + h * dp * skp;
     const float* vh = v.at(h, 0);
+    const float scale2 = scale * kLog2e;  // the softmax runs in base 2 (tile_kernels.h)
     float* s = scratch;          // [BQ, BK] scores, then probabilities
     float* acc = s + BQ * BK;    // [BQ, Dp] unnormalised output
-    float* m = acc + BQ * dp;    // [BQ] running max of scale * score
-    float* l = m + BQ;           // [BQ] running sum of exp(scale * score - m)
+    float* m = acc + BQ * dp;    // [BQ] running max of scale2 * score
+    float* l = m + BQ;           // [BQ] running sum of 2^(scale2 * score - m)
     std::fill(acc, acc + rows * dp, 0.f);
     std::fill(m, m + rows, -std::numeric_limits<float>::infinity());
     std::fill(l, l + rows, 0.f);
@@ -132,7 +133,7 @@ struct Forward {
       const bool partial = sched.classify(q0, q0 + rows, k0, k0 + width) == kTilePartial;
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t visible = partial ? sched.visible_keys(q0 + r, k0, width) : width;
-        const float alpha = kern.softmax_step(s + r * BK, visible, widthp, scale, m + r, l + r);
+        const float alpha = kern.softmax_step(s + r * BK, visible, widthp, scale2, m + r, l + r);
         if (alpha != 1.f) kern.scale(acc + r * dp, dp, alpha);
       }
       // O += P V over the tile's `width` keys (V has no padding rows to read)
@@ -141,7 +142,7 @@ struct Forward {
     for (int64_t r = 0; r < rows; ++r) {
       kern.scale(acc + r * dp, dp, 1.f / l[r]);
       std::copy(acc + r * dp, acc + (r + 1) * dp, out + (h * sq + q0 + r) * dp);
-      lse[h * sq + q0 + r] = m[r] + std::log(l[r]);
+      lse[h * sq + q0 + r] = m[r] * kLn2 + std::log(l[r]);
     }
   }
 
@@ -164,7 +165,7 @@ struct Backward {
   const float* doutt;  // [H, Dp, Sqp]
   Rows k;              // [H, Sk, Dp]
   Rows v;              // [H, Sk, Dp]
-  const float* lse;    // [H, Sqp]
+  const float* lse2;   // [H, Sqp] lse * log2(e)
   const float* delta;  // [H, Sqp]
   float* dq;           // [G, H, Sq, Dp] partial sums, scaled at the end
   float* dk;           // [H, Sk, Dp]
@@ -188,7 +189,7 @@ struct Backward {
     const bool partial = sched.classify(q0, q0 + rows, k0, k0 + keys) == kTilePartial;
     for (int64_t c = 0; c < keys; ++c) {
       const int64_t hidden = partial ? sched.hidden_rows(k0 + c, q0, rows) : 0;
-      kern.probs(pt + c * BQ, lse + h * sqp + q0, hidden, rows, rowsp, scale);
+      kern.probs(pt + c * BQ, lse2 + h * sqp + q0, hidden, rows, rowsp, scale * kLog2e);
     }
     kern.gemm(keys, rowsp, dp, vh, v.row_stride, 1, doutt + h * dp * sqp + q0, sqp, dst, BQ,
               false);
@@ -275,7 +276,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   const Rows k_rows = rows_of(k, dp, true, k_keep), v_rows = rows_of(v, dp, true, v_keep);
   const at::Tensor qtf = transposed(q_rows, B, N, sq, dp, sqp, q.options());
   const at::Tensor dotf = transposed(do_rows, B, N, sq, dp, sqp, q.options());
-  const at::Tensor lsef = at::constant_pad_nd(lse.to(at::kFloat), {0, sqp - sq}).contiguous();
+  const at::Tensor lse2 = at::constant_pad_nd(lse.to(at::kFloat) * kLog2e, {0, sqp - sq});
   const at::Tensor delta =
       at::constant_pad_nd(softmax_backward_delta(grad_out, out, grad_lse), {0, sqp - sq})
           .contiguous();
@@ -286,7 +287,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const Backward bwd{make_schedule(q, k, block_len, prefix_len, q_offset), B * N, dp, sqp,
                        groups,
                        static_cast<float>(scale), q_rows, qtf.data_ptr<float>(), do_rows,
-                       dotf.data_ptr<float>(), k_rows, v_rows, lsef.data_ptr<float>(),
+                       dotf.data_ptr<float>(), k_rows, v_rows, lse2.data_ptr<float>(),
                        delta.data_ptr<float>(),
                        dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>()};
     bwd.run();

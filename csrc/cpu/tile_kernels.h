@@ -13,6 +13,11 @@ namespace nbp_mega::cpu {
 
 constexpr int64_t kPad = 8;  // floats: one AVX2 register; widths are rounded up to this
 
+// The softmax loops work in base 2 (p = 2^(x log2 e) = e^x): folding log2(e) into the score
+// scale leaves one FMA per score before the exponential and no multiply by ln 2 inside it.
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2 = 0.693147180559945309f;
+
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 struct TileKernels {
@@ -24,17 +29,18 @@ struct TileKernels {
   void (*gemm)(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_row, int64_t a_col,
                const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate);
 
-  // Online-softmax step for one query row of a forward tile. s[0, width) holds raw scores,
-  // of which [0, visible) are visible (visible >= 1). With the running max *m and sum *l,
-  // overwrites s with p = exp(scale * s - m_new) (0 past `visible`), updates *m and *l and
-  // returns alpha = exp(m_old - m_new), the factor for the row's output accumulator.
-  float (*softmax_step)(float* s, int64_t visible, int64_t width, float scale, float* m,
+  // Online-softmax step for one query row of a forward tile, in base 2: scale2 = scale *
+  // log2(e). s[0, width) holds raw scores, of which [0, visible) are visible. With the running
+  // max *m of scale2 * score and the running sum *l, overwrites s with
+  // p = 2^(scale2 * s - m_new) (0 past `visible`), updates *m and *l and returns
+  // alpha = 2^(m_old - m_new), the factor for the row's output accumulator.
+  float (*softmax_step)(float* s, int64_t visible, int64_t width, float scale2, float* m,
                         float* l);
 
-  // Backward, one key row of a transposed tile: s[c] = exp(scale * s[c] - lse[c]) for
-  // c in [hidden, visible_end) and 0 elsewhere in [0, width).
-  void (*probs)(float* s, const float* lse, int64_t hidden, int64_t visible_end, int64_t width,
-                float scale);
+  // Backward, one key row of a transposed tile: s[c] = 2^(scale2 * s[c] - lse2[c]) for
+  // c in [hidden, visible_end) and 0 elsewhere in [0, width); lse2 = lse * log2(e).
+  void (*probs)(float* s, const float* lse2, int64_t hidden, int64_t visible_end,
+                int64_t width, float scale2);
 
   // Backward: dp[c] = p[c] * (dp[c] - delta[c]) for c in [0, width).
   void (*dscores)(float* dp, const float* p, const float* delta, int64_t width);

@@ -19,11 +19,12 @@ struct Scalar {
   static V set1(float x) { return x; }
   static V zero() { return 0.f; }
   static V fmadd(V a, V b, V c) { return a * b + c; }
+  static V fmsub(V a, V b, V c) { return a * b - c; }
   static V add(V a, V b) { return a + b; }
   static V sub(V a, V b) { return a - b; }
   static V mul(V a, V b) { return a * b; }
   static V max(V a, V b) { return __builtin_fmaxf(a, b); }
-  static V exp(V x) { return __builtin_expf(x); }
+  static V exp2(V x) { return __builtin_exp2f(x); }
   static float reduce_max(V v) { return v; }
   static float reduce_add(V v) { return v; }
 };

@@ -10,8 +10,8 @@
 // portable copy and run AVX2 code on a CPU without it. Include it inside a namespace that is
 // unique to the instruction set.
 //
-// `Vec` provides: V, W, load, store, set1, zero, fmadd, mul, sub, max, exp, reduce_max,
-// reduce_add.
+// `Vec` provides: V, W, load, store, set1, zero, fmadd, fmsub, mul, sub, max, exp2,
+// reduce_max, reduce_add.
 
 template <class Vec>
 struct TileImpl {
@@ -83,7 +83,7 @@ struct TileImpl {
     for (int64_t c = begin; c < end; ++c) x[c] = 0.f;
   }
 
-  static float softmax_step(float* s, int64_t visible, int64_t width, float scale, float* m,
+  static float softmax_step(float* s, int64_t visible, int64_t width, float scale2, float* m,
                             float* l) {
     if (visible == 0) {  // the row sees no key of this tile: nothing changes
       fill_zero(s, 0, width);
@@ -94,19 +94,19 @@ struct TileImpl {
     for (int64_t c = 0; c < vec_end; c += W) vmax = Vec::max(vmax, Vec::load(s + c));
     float row_max = Vec::reduce_max(vmax);
     for (int64_t c = vec_end; c < visible; ++c) row_max = __builtin_fmaxf(row_max, s[c]);
-    // scale > 0 (checked by the op), so max(scale * s) = scale * max(s).
-    const float m_new = __builtin_fmaxf(*m, scale * row_max);
-    const float alpha = __builtin_expf(*m - m_new);  // 0 on the first tile (*m = -inf)
-    const V vscale = Vec::set1(scale), vm = Vec::set1(m_new);
+    // scale2 > 0 (the op checks scale), so max(scale2 * s) = scale2 * max(s).
+    const float m_new = __builtin_fmaxf(*m, scale2 * row_max);
+    const float alpha = __builtin_exp2f(*m - m_new);  // 0 on the first tile (*m = -inf)
+    const V vscale = Vec::set1(scale2), vm = Vec::set1(m_new);
     V vsum = Vec::zero();
     for (int64_t c = 0; c < vec_end; c += W) {
-      const V p = Vec::exp(Vec::sub(Vec::mul(Vec::load(s + c), vscale), vm));
+      const V p = Vec::exp2(Vec::fmsub(Vec::load(s + c), vscale, vm));
       Vec::store(s + c, p);
       vsum = Vec::add(vsum, p);
     }
     float sum = Vec::reduce_add(vsum);
     for (int64_t c = vec_end; c < visible; ++c) {
-      s[c] = __builtin_expf(scale * s[c] - m_new);
+      s[c] = __builtin_exp2f(scale2 * s[c] - m_new);
       sum += s[c];
     }
     fill_zero(s, visible, width);
@@ -115,16 +115,16 @@ struct TileImpl {
     return alpha;
   }
 
-  static void probs(float* s, const float* lse, int64_t hidden, int64_t visible_end,
-                    int64_t width, float scale) {
+  static void probs(float* s, const float* lse2, int64_t hidden, int64_t visible_end,
+                    int64_t width, float scale2) {
     fill_zero(s, 0, hidden);
     int64_t c = hidden;
-    const V vscale = Vec::set1(scale);
+    const V vscale = Vec::set1(scale2);
     for (; c + W <= visible_end; c += W) {
-      const V x = Vec::sub(Vec::mul(Vec::load(s + c), vscale), Vec::load(lse + c));
-      Vec::store(s + c, Vec::exp(x));
+      const V x = Vec::fmsub(Vec::load(s + c), vscale, Vec::load(lse2 + c));
+      Vec::store(s + c, Vec::exp2(x));
     }
-    for (; c < visible_end; ++c) s[c] = __builtin_expf(scale * s[c] - lse[c]);
+    for (; c < visible_end; ++c) s[c] = __builtin_exp2f(scale2 * s[c] - lse2[c]);
     fill_zero(s, visible_end, width);
   }
 
