@@ -68,18 +68,6 @@ class SmemLayout {
   size_t used_ = 0;
 };
 
-// A [B, N, S, D] tensor in global memory with unit stride over D (other strides arbitrary),
-// addressed by head h = b * heads + n and row s.
-template <class T>
-struct HeadTensor {
-  T* data;
-  int64_t stride_b, stride_n, stride_s;
-  int64_t heads;  // N
-  __device__ __forceinline__ T* row(int64_t h, int64_t s) const {
-    return data + h / heads * stride_b + h % heads * stride_n + s * stride_s;
-  }
-};
-
 // tile[r, c] = src[r * stride + c] for r < rows and c < d; 0 in the rest of [0, R) x [0, DP).
 // The zeros keep padded rows and columns out of every product.
 template <int R, int DP, class T>

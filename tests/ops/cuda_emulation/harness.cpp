@@ -1,12 +1,12 @@
-// The CUDA kernels' thread-block programs (csrc/cuda/attention_kernels.cuh) on the CPU, in
+// The CUDA kernels' thread-block programs (csrc/cuda/attention_blocks.cuh) on the CPU, in
 // fp32, as a C library for tests/ops/test_cuda_emulated.py (ctypes). Launches mirror
-// csrc/cuda/attention_cuda.cu: the same grids, block order and shared-memory sizes.
+// csrc/cuda/attention_kernels.cu: the same grids, block order and shared-memory sizes.
 //
 // Legend: B batch; N heads; H = B * N; Sq queries; Sk keys; d head dim; L block length;
 // P prefix length. A View is a [B, N, S, d] float tensor with unit stride over d.
 #include "emulation.h"
 
-#include "cuda/attention_kernels.cuh"
+#include "cuda/attention_blocks.cuh"
 
 namespace nc = nbp_mega::cuda;
 
@@ -30,7 +30,7 @@ int emulated_forward(View q, View k, View v, View o, float* lse, int64_t B, int6
                      int64_t sq, int64_t sk, int64_t d, int64_t L, int64_t P, int64_t q_offset,
                      float scale) {
   const nc::ForwardArgs<float> a{in(q, N), in(k, N), in(v, N), out(o, N), lse,
-                                 {sq, sk, L, P, q_offset}, static_cast<int>(d), scale};
+                                 {sq, sk, L, P, q_offset}, B * N, static_cast<int>(d), scale};
   const int64_t tiles = nbp_mega::ceil_div(sq, nc::kFwdBQ);
   const bool ok = nc::with_head_dim(d, [&](auto dp) {
     constexpr int DP = decltype(dp)::value;
@@ -49,7 +49,8 @@ int emulated_backward(View grad_out, View q, View k, View v, const float* lse,
                       int64_t q_offset, float scale) {
   const nc::BackwardArgs<float> a{in(grad_out, N), in(q, N), in(k, N), in(v, N), lse, delta,
                                   out(grad_q, N), out(grad_k, N), out(grad_v, N),
-                                  {sq, sk, L, P, q_offset}, static_cast<int>(d), scale};
+                                  {sq, sk, L, P, q_offset}, B * N, static_cast<int>(d),
+                                  scale};
   const int64_t tiles = nbp_mega::ceil_div(sk, nc::kBwdBK);
   const bool ok = nc::with_head_dim(d, [&](auto dp) {
     constexpr int DP = decltype(dp)::value;

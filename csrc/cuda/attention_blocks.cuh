@@ -1,6 +1,6 @@
 // The thread-block programs of the CUDA block-causal attention (FlashAttention-2's algorithm):
 // what one block does for one query tile (forward) or one key tile (backward). The __global__
-// wrappers and launches are in attention_cuda.cu; the CPU emulation in tests/ops runs these
+// wrappers and launches are in attention_kernels.cu; the CPU emulation in tests/ops runs these
 // same functions.
 //
 // Legend: h a head (h = b * N + n); Sq queries; Sk keys; d the head dim, DP the compiled head
@@ -9,12 +9,17 @@
 //
 // The tile schedule (which tiles to visit, which need masking) is tile_schedule.h's, shared
 // with the CPU kernels and checked against the dense mask by tests/ops/test_tile_schedule.py.
+//
+// Backward, dq: a block owns one key tile, so it writes grad_k and grad_v once, but adds to
+// the grad_q of every query tile it meets; those adds go to an fp32 buffer by atomicAdd. That
+// is one pass over the scores; a second, query-major pass for dq would recompute P and dP.
 #pragma once
 
 #include <cmath>
 #include <type_traits>
 
 #include "../tile_schedule.h"
+#include "launch.h"
 #include "tile_ops.cuh"
 
 namespace nbp_mega::cuda {
@@ -41,16 +46,6 @@ bool with_head_dim(int64_t d, F&& f) {
   }
   return true;
 }
-
-template <class T>
-struct ForwardArgs {
-  HeadTensor<const T> q, k, v;  // [B, N, Sq | Sk, d]
-  HeadTensor<T> out;            // [B, N, Sq, d]
-  float* lse;                   // [B * N, Sq], contiguous
-  BlockCausalSchedule sched;
-  int d;
-  float scale;
-};
 
 // Shared memory of a forward block. Row strides are padded (T tiles by 8 elements, fp32 by
 // 4) against bank conflicts; they stay multiples of 8 (T) and 4 (fp32) as wmma requires.
@@ -168,19 +163,6 @@ __device__ void forward_block(const ForwardArgs<T>& a, int64_t h, int64_t qt, ch
   }
 }
 
-template <class T>
-struct BackwardArgs {
-  HeadTensor<const T> grad_out, q;  // [B, N, Sq, d]
-  HeadTensor<const T> k, v;         // [B, N, Sk, d]
-  const float* lse;                 // [B * N, Sq], contiguous
-  const float* delta;               // [B * N, Sq], contiguous: rowsum(dO * O) - grad_lse
-  HeadTensor<float> grad_q;         // [B, N, Sq, d] fp32, zeroed; blocks atomicAdd into it
-  HeadTensor<T> grad_k, grad_v;     // [B, N, Sk, d]
-  BlockCausalSchedule sched;
-  int d;
-  float scale;
-};
-
 // Shared memory of a backward block (strides padded as in ForwardTiles).
 template <class T, int DP>
 struct BackwardTiles {
@@ -256,7 +238,7 @@ __device__ __forceinline__ void probabilities_and_dscores(const BackwardTiles<T,
 }
 
 // Key tile kt of head h: grad_k and grad_v of keys [k0, k0 + keys) (kept in shared memory
-// across the query tiles), and their share of grad_q (atomicAdd: see attention_cuda.cu). The
+// across the query tiles), and their share of grad_q (atomicAdd, see above). The
 // query tiles visited start at the first that sees key k0; tiles entirely hidden come before.
 template <class T, int DP>
 __device__ void backward_block(const BackwardArgs<T>& a, int64_t h, int64_t kt, char* smem) {
