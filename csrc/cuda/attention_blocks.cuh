@@ -49,9 +49,11 @@ bool with_head_dim(int64_t d, F&& f) {
 
 // Shared memory of a forward block. Row strides are padded (T tiles by 8 elements, fp32 by
 // 4) against bank conflicts; they stay multiples of 8 (T) and 4 (fp32) as wmma requires.
+// s is not padded (softmax_row avoids its conflicts otherwise): 1 KiB less lets an A100 SM
+// (164 KiB, 1 KiB reserved per block) hold two blocks at DP = 128.
 template <class T, int DP>
 struct ForwardTiles {
-  static constexpr int kLdT = DP + 8, kLdS = kFwdBK + 4, kLdP = kFwdBK + 8, kLdO = DP + 4;
+  static constexpr int kLdT = DP + 8, kLdS = kFwdBK, kLdP = kFwdBK + 8, kLdO = DP + 4;
   T* q;          // [BQ, kLdT] the query tile
   T* k;          // [BK, kLdT] the key tile
   T* v;          // [BK, kLdT] the value tile
@@ -61,7 +63,7 @@ struct ForwardTiles {
   float* m;      // [BQ] running max of scale * s
   float* l;      // [BQ] running sum of exp(scale * s - m)
   float* alpha;  // [BQ] this key tile's rescaling of o, l: exp(m_old - m_new)
-  size_t bytes;  // 83 KB at DP = 128 (fp16/bf16)
+  size_t bytes;  // 80.75 KiB at DP = 128 (fp16/bf16)
 
   __host__ __device__ explicit ForwardTiles(uintptr_t base) {
     SmemLayout smem(base);
@@ -80,22 +82,29 @@ struct ForwardTiles {
 
 // The online-softmax step of row r of a forward tile, whose first `visible` keys it sees:
 // p = exp(scale * s - m_new) there (0 past it), and the row's m, l and alpha updated.
+// Thread r walks its row from column r % BK on: the 32 threads of a warp then read 32
+// different banks of s at every step (BK = 32 floats per row), not one bank 32 times.
 template <class T, int DP>
 __device__ __forceinline__ void softmax_row(const ForwardTiles<T, DP>& t, int r, int visible,
                                             float scale) {
   using Tiles = ForwardTiles<T, DP>;
   const float* s = t.s + r * Tiles::kLdS;
   T* p = t.p + r * Tiles::kLdP;
+  static_assert(kFwdBK == 32 && Tiles::kLdS == 32, "the rotation assumes 32-float rows");
   if (visible == 0) {  // a row before this tile's blocks, or past Sq: nothing changes
     for (int c = 0; c < kFwdBK; ++c) p[c] = from_float<T>(0.f);
     t.alpha[r] = 1.f;
     return;
   }
   float row_max = -INFINITY;
-  for (int c = 0; c < visible; ++c) row_max = fmaxf(row_max, s[c]);
+  for (int j = 0; j < kFwdBK; ++j) {
+    const int c = (j + r) % kFwdBK;
+    if (c < visible) row_max = fmaxf(row_max, s[c]);
+  }
   const float m_new = fmaxf(t.m[r], scale * row_max);  // scale > 0
   float sum = 0.f;
-  for (int c = 0; c < kFwdBK; ++c) {
+  for (int j = 0; j < kFwdBK; ++j) {
+    const int c = (j + r) % kFwdBK;
     const float pc = c < visible ? expf(scale * s[c] - m_new) : 0.f;
     p[c] = from_float<T>(pc);
     sum += pc;
@@ -169,14 +178,14 @@ struct BackwardTiles {
   static constexpr int kLdT = DP + 8, kLdS = kBwdBK + 4, kLdP = kBwdBK + 8, kLdA = DP + 4;
   T* k;          // [BK, kLdT] the key tile
   T* v;          // [BK, kLdT] the value tile
-  float* dk;     // [BK, kLdA] accumulator of dS^T Q (dS carries the scale)
+  float* dk;     // [BK, kLdA] accumulator of dS^T Q
   float* dv;     // [BK, kLdA] accumulator of P^T dO
   T* q;          // [BQ, kLdT] the query tile
   T* dout;       // [BQ, kLdT] its output gradient
   float* s;      // [BQ, kLdS] raw scores q.k
   float* dp;     // [BQ, kLdS] dO V^T
   T* p;          // [BQ, kLdP] probabilities
-  T* ds;         // [BQ, kLdP] scale * P * (dP - delta)
+  T* ds;         // [BQ, kLdP] P * (dP - delta) (scale is applied to dk and dq in fp32)
   float* dq;     // [BQ, kLdA] this (query tile, key tile) pair's dS K, added to grad_q
   float* lse;    // [BQ]
   float* delta;  // [BQ]
@@ -231,7 +240,7 @@ __device__ __forceinline__ void probabilities_and_dscores(const BackwardTiles<T,
   for (int i = threadIdx.x; i < kBwdBQ * kBwdBK; i += kThreads) {
     const int r = i / kBwdBK, c = i % kBwdBK;
     const float p = c < t.visible[r] ? expf(scale * t.s[r * Tiles::kLdS + c] - t.lse[r]) : 0.f;
-    const float ds = scale * p * (t.dp[r * Tiles::kLdS + c] - t.delta[r]);
+    const float ds = p * (t.dp[r * Tiles::kLdS + c] - t.delta[r]);
     t.p[r * Tiles::kLdP + c] = from_float<T>(p);
     t.ds[r * Tiles::kLdP + c] = from_float<T>(ds);
   }
@@ -279,12 +288,15 @@ __device__ void backward_block(const BackwardArgs<T>& a, int64_t h, int64_t kt, 
     float* dq = a.grad_q.row(h, q0);
     for (int i = threadIdx.x; i < BQ * DP; i += kThreads) {
       const int r = i / DP, c = i % DP;
-      if (r < rows && c < a.d) atomicAdd(dq + r * a.grad_q.stride_s + c, t.dq[r * Tiles::kLdA + c]);
+      if (r < rows && c < a.d) {
+        atomicAdd(dq + r * a.grad_q.stride_s + c, a.scale * t.dq[r * Tiles::kLdA + c]);
+      }
     }
   }
   __syncthreads();
-  store_tile<BK, DP>(t.dk, Tiles::kLdA, keys, a.d, a.grad_k.row(h, k0), a.grad_k.stride_s);
-  store_tile<BK, DP>(t.dv, Tiles::kLdA, keys, a.d, a.grad_v.row(h, k0), a.grad_v.stride_s);
+  store_tile<BK, DP>(t.dk, Tiles::kLdA, a.scale, keys, a.d, a.grad_k.row(h, k0),
+                     a.grad_k.stride_s);
+  store_tile<BK, DP>(t.dv, Tiles::kLdA, 1.f, keys, a.d, a.grad_v.row(h, k0), a.grad_v.stride_s);
 }
 
 }  // namespace nbp_mega::cuda

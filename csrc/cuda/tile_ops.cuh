@@ -32,15 +32,12 @@ constexpr int kFrag = 16;  // wmma fragments are 16 x 16 (x 16 deep)
 
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-// Conversions between T and the fp32 the kernels compute in.
-__device__ __forceinline__ float to_float(float x) { return x; }
+// fp32 -> T, rounding to nearest (even), as the kernels store probabilities and outputs.
 template <class T>
 __device__ __forceinline__ T from_float(float x);
 template <>
 __device__ __forceinline__ float from_float<float>(float x) { return x; }
 #if defined(__CUDACC__)
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 template <>
 __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 template <>
@@ -79,13 +76,13 @@ __device__ __forceinline__ void load_tile(const T* src, int64_t stride, int rows
   }
 }
 
-// dst[r * stride + c] = tile[r, c] (fp32) for r < rows and c < d.
+// dst[r * stride + c] = scale * tile[r, c] (fp32) for r < rows and c < d.
 template <int R, int DP, class T>
-__device__ __forceinline__ void store_tile(const float* tile, int ld, int rows, int d, T* dst,
-                                           int64_t stride) {
+__device__ __forceinline__ void store_tile(const float* tile, int ld, float scale, int rows,
+                                           int d, T* dst, int64_t stride) {
   for (int i = threadIdx.x; i < R * DP; i += kThreads) {
     const int r = i / DP, c = i % DP;
-    if (r < rows && c < d) dst[r * stride + c] = from_float<T>(tile[r * ld + c]);
+    if (r < rows && c < d) dst[r * stride + c] = from_float<T>(scale * tile[r * ld + c]);
   }
 }
 

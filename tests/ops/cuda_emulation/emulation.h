@@ -2,8 +2,8 @@
 // only be compiled, never run, on a machine without a GPU): each thread of a block is a
 // std::thread, __syncthreads() a std::barrier, and nvcuda::wmma a 16 x 16 product done by
 // lane 0 of the warp (fragments are opaque on the GPU too: nothing else may read them).
-// The kernels run in fp32 here (T = float), so this checks indexing, masking, the tile
-// schedule and synchronisation, not fp16/bf16 rounding.
+// T is float, or a float holding an fp16/bf16 value (harness.cpp): products of T are exact in
+// fp32 and summed in fp32, as on tensor cores, so the emulation also rounds where the GPU does.
 //
 // Also checked, as the GPU would require: wmma pointers aligned to 32 bytes of the real
 // 16-bit operand (16 elements) or fp32 accumulator (8 elements); leading dimensions multiples
@@ -76,7 +76,8 @@ void load_matrix_sync(fragment<Use, 16, 16, 16, T, Layout>& f, const T* p, unsig
   if (!lane0()) return;
   for (int r = 0; r < 16; ++r)
     for (int c = 0; c < 16; ++c)
-      f.x[r][c] = std::is_same_v<Layout, row_major> ? p[r * ld + c] : p[r + c * ld];
+      f.x[r][c] = static_cast<float>(std::is_same_v<Layout, row_major> ? p[r * ld + c]
+                                                                        : p[r + c * ld]);
 }
 
 inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, float>& f, const float* p,
