@@ -33,12 +33,15 @@ def _kernels_extension():
     # loops (-std=c++17 would otherwise forbid it).
     cxx = ["-O3", "-fopenmp", "-ffp-contract=fast"]
     common = dict(extra_link_args=["-fopenmp"], optional=not REQUIRE_EXTENSION)
-    if not _nvcc_found():
+    # NBP_WITH_CUDA (nbp_mega._C.with_cuda) means the .cu kernels are in the build; the
+    # torch-facing side of the CUDA ops (csrc/cuda/*.cpp) comes with them.
+    kernels = sorted(glob.glob("csrc/cuda/*.cu")) if _nvcc_found() else []
+    cuda_sources = kernels + sorted(glob.glob("csrc/cuda/*.cpp")) if kernels else []
+    if not cuda_sources:
         return CppExtension("nbp_mega._C", cpu_sources, extra_compile_args={"cxx": cxx}, **common)
     archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     cxx += ["-DNBP_WITH_CUDA", f'-DNBP_CUDA_ARCHS="{archs}"']
     nvcc = ["-O3", "-DNBP_WITH_CUDA", "--expt-relaxed-constexpr"]
-    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     return CUDAExtension("nbp_mega._C", cpu_sources + cuda_sources,
                          extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **common)
 

@@ -50,4 +50,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
 const char* isa();  // the instruction set of the tile loops this CPU runs: "avx2" | "generic"
 }  // namespace cpu
 
+#ifdef NBP_WITH_CUDA
+// float16/bfloat16, D <= 128 (cuda/attention_cuda.cu, which also registers them).
+namespace cuda {
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k,
+                                           const at::Tensor& v, int64_t block_len,
+                                           int64_t prefix_len, int64_t q_offset, double scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& grad_lse,
+    int64_t block_len, int64_t prefix_len, int64_t q_offset, double scale);
+}  // namespace cuda
+#endif
+
 }  // namespace nbp_mega

@@ -24,7 +24,7 @@ AVAILABLE = _C is not None
 CUDA_COMPILED = AVAILABLE and bool(_C.with_cuda)
 CPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
-CUDA_MAX_HEAD_DIM = 128  # the CUDA kernel keeps a row of q, k, v per thread group in registers
+CUDA_MAX_HEAD_DIM = 128  # compiled for D = 32, 64, 96, 128 (others zero-padded up): csrc/cuda/
 
 
 def build_info() -> dict:

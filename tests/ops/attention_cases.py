@@ -21,17 +21,17 @@ def forward_backward(fn, q, k, v, *args, **kwargs):
     """fn's output and the gradients of q, k, v for a fixed random upstream gradient."""
     out = fn(q, k, v, *args, **kwargs)
     g = torch.Generator().manual_seed(1)
-    upstream = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.dtype)
+    upstream = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.device, out.dtype)
     grads = torch.autograd.grad(out, (q, k, v), upstream)
     return out, grads
 
 
-def errors_vs_fp64(fn, dtype, S, L, P, **shape):
-    """Max abs error of fn's output and q, k, v gradients in `dtype` against the fp64 dense
-    reference on the same inputs (before rounding to dtype)."""
+def errors_vs_fp64(fn, dtype, S, L, P, q_offset=0, device="cpu", **shape):
+    """Max abs error of fn's output and q, k, v gradients in `dtype` on `device` against the
+    fp64 dense reference (on the CPU) on the same inputs (before rounding to dtype)."""
     q64, k64, v64 = qkv(S, torch.float64, **shape)
-    exact = forward_backward(dense_block_causal_attention, q64, k64, v64, L, P)
-    q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q64, k64, v64))
-    got = forward_backward(fn, q, k, v, L, P)
-    return [(a.double() - b).abs().max().item()
+    exact = forward_backward(dense_block_causal_attention, q64, k64, v64, L, P, q_offset)
+    q, k, v = (t.detach().to(device, dtype).requires_grad_() for t in (q64, k64, v64))
+    got = forward_backward(fn, q, k, v, L, P, q_offset)
+    return [(a.double().cpu() - b).abs().max().item()
             for a, b in zip((got[0], *got[1]), (exact[0], *exact[1]), strict=True)]
