@@ -14,7 +14,9 @@ breakdown (nbp_mega/profiling.py: attention, matmul, communication, optimizer, d
 
 MFU = model FLOP/s / measured peak, where model FLOPs per target token are nbp_mega.info's
 (6 x matmul parameters + attention over the visible keys, forward + backward) and the peak is
-the best of square fp32 matmuls (2048^2) on all the machine's threads, measured in this run.
+the best of square fp32 matmuls (2048^2) on all the machine's threads, measured in this run
+before, between and after the configs (the best of those: a shared machine's neighbours
+can only make a measurement slower, and an underestimated peak would inflate MFU).
 Prints a JSON list: one "machine" record, one record per (config, setup), one "targets"
 record per config: zero3_dp2 >= 0.8x plain tokens/s, and MFU >= 0.4 for the ~100M config.
 """
@@ -53,11 +55,12 @@ def matmul_peak_tflops(threads: int, n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / best / 1e12
 
 
-def machine(threads: int) -> dict:
+def machine(threads: int, peaks: list[float]) -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                 if line.startswith("model name")), platform.processor())
     return {"shape": "machine", "cpu": cpu, "cores": os.cpu_count(), "threads": threads,
-            "torch": torch.__version__, "matmul_peak_tflops": matmul_peak_tflops(threads)}
+            "torch": torch.__version__, "matmul_peak_tflops": max(peaks),
+            "matmul_peak_measurements": peaks}
 
 
 def bench_overrides(data_dir: str, run_dir: str, total_steps: int, profile_start: int,
@@ -141,16 +144,14 @@ def plain_loop(config: str, overrides: list[str], threads: int) -> None:
             out.flush()
 
 
-def summarize(run_dir: str, timed: range, tokens_per_step: int, flops_per_token: float,
-              peak: float) -> dict:
+def summarize(run_dir: str, timed: range, tokens_per_step: int, flops_per_token: float) -> dict:
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         rows = {r["step"]: r for r in map(json.loads, f) if "step_seconds" in r}
     seconds = statistics.median(rows[s]["step_seconds"] + rows[s].get("data_seconds", 0.0)
                                 for s in timed)
     tokens_per_s = tokens_per_step / seconds
     record = {"step_seconds": seconds, "tokens_per_s": tokens_per_s,
-              "model_tflops": flops_per_token * tokens_per_s / 1e12,
-              "mfu": flops_per_token * tokens_per_s / 1e12 / peak}
+              "model_tflops": flops_per_token * tokens_per_s / 1e12}
     profile = os.path.join(run_dir, "profile", "profile_rank0.json")
     if os.path.exists(profile):
         with open(profile) as f:
@@ -158,7 +159,9 @@ def summarize(run_dir: str, timed: range, tokens_per_step: int, flops_per_token:
     return record
 
 
-def bench_config(config: str, args, peak: float, work_dir: str) -> list[dict]:
+def bench_config(config: str, args, work_dir: str) -> list[dict]:
+    """The zero3_dp2 and plain records of one config (without MFU: see add_mfu) and its
+    "targets" record."""
     from nbp_mega.config import load_config
     from nbp_mega.info import model_info
 
@@ -178,18 +181,27 @@ def bench_config(config: str, args, peak: float, work_dir: str) -> list[dict]:
                                        args.profile), width)
         records.append({"shape": name, "setup": setup, "parameters": info["parameters"],
                         "tokens_per_step": tokens, "steps_timed": args.steps,
-                        **summarize(run_dir, timed, tokens, info["training_flops_per_token"],
-                                    peak)})
+                        **summarize(run_dir, timed, tokens, info["training_flops_per_token"])})
     zero3, plain = records
     ratio = zero3["tokens_per_s"] / plain["tokens_per_s"]
     targets = {"zero3_vs_plain": {"ratio": ratio, "target": TARGET_RATIO,
                                   "met": ratio >= TARGET_RATIO}}
-    if info["parameters"] >= MFU_TARGET_PARAMS:
-        mfu = max(zero3["mfu"], plain["mfu"])
-        targets["mfu"] = {"zero3_dp2": zero3["mfu"], "plain": plain["mfu"],
-                          "target": TARGET_MFU, "met": zero3["mfu"] >= TARGET_MFU,
-                          "best": mfu}
     return [*records, {"shape": name, "setup": "targets", **targets}]
+
+
+def add_mfu(records: list[dict], peak: float) -> None:
+    """MFU of every run record against `peak` (TFLOP/s), and the MFU target of configs with
+    >= MFU_TARGET_PARAMS parameters (met by the ZeRO-3 run)."""
+    runs = {}
+    for r in records:
+        if "model_tflops" in r:
+            r["mfu"] = r["model_tflops"] / peak
+            runs[r["shape"], r["setup"]] = r
+    for r in records:
+        zero3, plain = runs.get((r["shape"], "zero3_dp2")), runs.get((r["shape"], "plain"))
+        if r.get("setup") == "targets" and zero3["parameters"] >= MFU_TARGET_PARAMS:
+            r["mfu"] = {"zero3_dp2": zero3["mfu"], "plain": plain["mfu"], "target": TARGET_MFU,
+                        "met": zero3["mfu"] >= TARGET_MFU}
 
 
 def main(argv=None) -> None:
@@ -197,7 +209,9 @@ def main(argv=None) -> None:
     p.add_argument("--configs", nargs="+",
                    default=["configs/tiny.yaml", "configs/bench_100m.yaml"])
     p.add_argument("--ranks", type=int, default=2, help="ZeRO-3 ranks = plain-loop threads")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--warmup", type=int, default=4,
+                   help="untimed steps first (ZeRO-3 settles after ~4: it traces the order "
+                        "in which modules fetch parameters)")
     p.add_argument("--steps", type=int, default=3, help="timed steps (median)")
     p.add_argument("--profile", type=int, default=1, help="profiled steps after the timed ones")
     p.add_argument("--work-dir", help="keep runs and data here (default: a temporary dir)")
@@ -208,13 +222,16 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     if args.plain_loop:
         return plain_loop(args.plain_loop, args.overrides, args.threads)
-    records = [machine(args.ranks)]
-    peak = records[0]["matmul_peak_tflops"]
+    peaks = [matmul_peak_tflops(args.ranks)]
+    records = []
     with tempfile.TemporaryDirectory() as tmp:
         for config in args.configs:
-            records += bench_config(os.path.abspath(config), args, peak, args.work_dir or tmp)
+            records += bench_config(os.path.abspath(config), args, args.work_dir or tmp)
+            peaks.append(matmul_peak_tflops(args.ranks))
             if not args.json:
                 print(json.dumps(records[-3:], indent=1), file=sys.stderr, flush=True)
+    records.insert(0, machine(args.ranks, peaks))
+    add_mfu(records, max(peaks))
     print(json.dumps(records, indent=1))
 
 
