@@ -16,10 +16,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -56,9 +58,13 @@ class TrainSection:
     global_batch: int = option(8, "clips per step over all ranks", min=1)
     lr: float = option(1e-4, "autoencoder learning rate (AdamW)", min=0)
     warmup_steps: int = option(100, "linear warm-up steps", min=0)
+    min_lr_ratio: float = option(1.0, "cosine decay from lr to this fraction of it at the "
+                                 "last step (1 = constant after warm-up)", min=0)
     zero_stage: int = option(2, "DeepSpeed ZeRO stage over the data-parallel ranks",
                              choices=[0, 1, 2, 3])
     l1_weight: float = option(1.0, "weight of the L1 reconstruction loss", min=0)
+    l2_weight: float = option(0.0, "weight of the mean squared reconstruction error (trains "
+                              "small models from scratch faster than L1)", min=0)
     perceptual_weight: float = option(0.0, "weight of the VGG perceptual loss (needs "
                                       "vgg_weights)", min=0)
     vgg_weights: str = option("", "VGG-16 state dict file (torchvision keys features.N.*)")
@@ -176,8 +182,7 @@ def build_parts(cfg: TokenizerRunConfig, dims) -> Parts:
     torch.manual_seed(cfg.seed)
     model = Magvit2(model_config(cfg.model))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(0.9, 0.99))
-    warm = max(cfg.train.warmup_steps, 1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, cfg=cfg.train))
     ds = {"train_batch_size": cfg.train.global_batch,
           "train_micro_batch_size_per_gpu": cfg.train.global_batch // dims.dp,
           "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
@@ -191,6 +196,16 @@ def build_parts(cfg: TokenizerRunConfig, dims) -> Parts:
     if cfg.train.perceptual_weight:
         perceptual = VGGPerceptualLoss(cfg.train.vgg_weights).to(dims.device)
     return Parts(engine, disc, disc_opt, perceptual)
+
+
+def lr_factor(step: int, cfg: TrainSection) -> float:
+    """The learning rate of 0-based `step` over train.lr: linear warm-up over warmup_steps,
+    then a cosine from 1 to min_lr_ratio at the last step."""
+    warm = max(cfg.warmup_steps, 1)
+    if step < warm:
+        return (step + 1) / warm
+    progress = min(1.0, (step - warm) / max(cfg.steps - 1 - warm, 1))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def _all_reduce_grads(module: torch.nn.Module, dims) -> None:
@@ -208,14 +223,17 @@ def train_step(parts: Parts, video: torch.Tensor, step: int, cfg: TrainSection, 
 
     engine, gan_on = parts.engine, parts.disc is not None and step >= cfg.gan_start
     recon, _ = engine(video)
-    terms = {"l1": (recon - video).abs().mean()}
+    error = recon - video
+    terms = {"l1": error.abs().mean()}
+    if cfg.l2_weight:
+        terms["l2"] = error.square().mean()
     if parts.perceptual is not None:
         terms["perceptual"] = parts.perceptual(recon, video)
     if gan_on:
         parts.disc.requires_grad_(False)
         terms["gan_g"] = hinge_g_loss(parts.disc(recon))
         parts.disc.requires_grad_(True)
-    weights = {"l1": cfg.l1_weight, "perceptual": cfg.perceptual_weight,
+    weights = {"l1": cfg.l1_weight, "l2": cfg.l2_weight, "perceptual": cfg.perceptual_weight,
                "gan_g": cfg.gan_weight}
     loss = sum(weights[k] * v for k, v in terms.items())
     engine.backward(loss)

@@ -63,3 +63,18 @@ def test_run_config_errors():
         load_run_config(None, ["data.videos=x", "train.perceptual_weight=1"])
     with pytest.raises(ValueError, match="model.preset"):
         load_run_config(None, ["data.videos=x", "model.preset=huge"])
+
+
+def test_lr_warms_up_then_follows_a_cosine_to_the_floor():
+    from nbp_mega.tokenizer.train import TrainSection, lr_factor
+
+    cfg = TrainSection(steps=110, warmup_steps=10, min_lr_ratio=0.1)
+    factors = [lr_factor(s, cfg) for s in range(cfg.steps)]
+    assert factors[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert factors[10] == pytest.approx(1.0)
+    assert factors[-1] == pytest.approx(0.1)  # the floor at the last step
+    assert factors[60] == pytest.approx(0.55, abs=0.01)  # half way: the middle of 1 and 0.1
+    decay = factors[10:]
+    assert all(a >= b for a, b in zip(decay, decay[1:], strict=False))
+    constant = TrainSection(steps=110, warmup_steps=10)  # min_lr_ratio 1: the old schedule
+    assert [lr_factor(s, constant) for s in range(10, 110)] == [1.0] * 100
