@@ -6,11 +6,25 @@ Module and attribute names follow the published state dict exactly
 (../shared/reference/nbp_magvit2.md): `encoder_layers.N`, `decoder_layers.N`, `.conv`, `.fn`,
 `.residual_fn`, `.beta`. The layer list is generated from a `Magvit2Config`: the published
 model is one preset, smaller presets change widths and depths, the code path is the same.
+
+Streaming: the network is causal in time (CausalConv3d pads in front only, GroupNorm3D and
+Swish act per frame, Depth2Space3D drops leading frames once), so a long clip can go through
+in time chunks with the same result as in one piece, if every CausalConv3d carries the tail of
+its padded input from chunk to chunk. `Magvit2.streaming()` switches that on for one clip:
+
+    with model.streaming():             # one clip; leaving the block forgets it
+        parts = [model.encode(chunk)[1] for chunk in video.split(sizes, dim=2)]
+    indices = torch.cat(parts, dim=1)   # == model.encode(video)[1]
+
+Any split works (a chunk may even complete no output window: it then yields 0 frames); the
+carried state lives in plain attributes, so the state dict is unchanged.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +64,24 @@ PRESETS = {
 }
 
 
+def _no_frames(conv: nn.Conv3d, x: torch.Tensor, pad_h: int = 0, pad_w: int = 0):
+    """The empty output [B, cout, 0, h', w'] of `conv` (no padding of its own) for x [B, C, T,
+    H, W] padded by pad_h, pad_w more: a chunk too short to complete an output window gives no
+    frames, and nn.Conv3d refuses an input shorter than its kernel."""
+    (_, kh, kw), (_, sh, sw) = conv.kernel_size, conv.stride
+    h, w = (x.shape[3] + pad_h - kh) // sh + 1, (x.shape[4] + pad_w - kw) // sw + 1
+    return x.new_empty(x.shape[0], conv.out_channels, 0, h, w)
+
+
+@dataclass
+class _Carry:
+    """What a streaming CausalConv3d keeps between the time chunks of one clip."""
+    # Frames of the padded input stream [B, C, k, H+2ph, W+2pw] not yet covered by a complete
+    # output window; None until the first frame arrived (the front padding is still due).
+    tail: torch.Tensor | None = None
+    skip: int = 0  # frames of the next chunks to skip (only when stride_t > kernel_t)
+
+
 class CausalConv3d(nn.Module):
     """Conv3d over a replicate-padded input: 2*(kt//2) frames in front only, kh//2 and kw//2 on
     both spatial sides. Frame k of the output sees input frames <= k*stride_t."""
@@ -59,11 +91,47 @@ class CausalConv3d(nn.Module):
         kt, kh, kw = kernel
         self.pad = (kw // 2, kw // 2, kh // 2, kh // 2, 2 * (kt // 2), 0)
         self.conv = nn.Conv3d(cin, cout, kernel, stride=stride)
+        self._carry: _Carry | None = None  # not None only inside Magvit2.streaming()
 
     def forward(self, x):  # [B, C, T, H, W]
+        if self._carry is not None:
+            return self._forward_chunk(x, self._carry)
         if any(self.pad):
             x = F.pad(x, self.pad, mode="replicate")
         return self.conv(x)
+
+    def start_stream(self) -> None:
+        self._carry = _Carry()
+
+    def stop_stream(self) -> None:
+        self._carry = None
+
+    def _forward_chunk(self, x, carry: _Carry):  # x [B, C, T', H, W]: the clip's next frames
+        kt, st = self.conv.kernel_size[0], self.conv.stride[0]
+        pw, _, ph, _, pt, _ = self.pad
+        if x.shape[2] == 0:
+            return _no_frames(self.conv, x, 2 * ph, 2 * pw)
+        if ph or pw:
+            x = F.pad(x, (pw, pw, ph, ph, 0, 0), mode="replicate")
+        if carry.tail is None:  # the clip's first frame: the front padding, once
+            x = torch.cat([x[:, :, :1].expand(-1, -1, pt, -1, -1), x], dim=2)
+        else:
+            x = torch.cat([carry.tail, x], dim=2)
+        skipped = min(carry.skip, x.shape[2])
+        x, carry.skip = x[:, :, skipped:], carry.skip - skipped
+        windows = max(0, (x.shape[2] - kt) // st + 1)  # complete output windows in x
+        used = windows * st  # where the next window starts, relative to x
+        carry.tail = x[:, :, used:].clone()  # a copy: a view would keep all of x alive
+        carry.skip += max(0, used - x.shape[2])
+        return self.conv(x) if windows else _no_frames(self.conv, x)
+
+
+class FrameConv3d(nn.Conv3d):
+    """nn.Conv3d (same state-dict keys) that also takes a chunk of 0 frames, as streaming can
+    produce; used for the encoder's last 1x1x1 conv."""
+
+    def forward(self, x):  # [B, C, T, H, W]
+        return super().forward(x) if x.shape[2] else _no_frames(self, x)
 
 
 class GroupNorm3D(nn.GroupNorm):
@@ -99,18 +167,31 @@ class ResidualUnit(nn.Module):
 
 class Depth2Space3D(nn.Module):
     """[B, bt*bh*bw*C, t, h, w] (channels ordered bt, bh, bw, C) -> [B, C, t*bt - (bt-1), h*bh,
-    w*bw]: the first bt-1 frames are dropped (causal upsampling: 1+n frames -> 1+bt*n)."""
+    w*bw]: the first bt-1 frames are dropped (causal upsampling: 1+n frames -> 1+bt*n).
+    Streaming, only the clip's first bt-1 frames are dropped, whichever chunks they are in."""
 
     def __init__(self, bt: int, bh: int, bw: int):
         super().__init__()
         self.factors = (bt, bh, bw)
+        self._to_drop: int | None = None  # streaming: leading frames of the clip still to drop
+
+    def start_stream(self) -> None:
+        self._to_drop = self.factors[0] - 1
+
+    def stop_stream(self) -> None:
+        self._to_drop = None
 
     def forward(self, x):
         bt, bh, bw = self.factors
         b, c, t, h, w = x.shape
         c_out = c // (bt * bh * bw)
         x = x.view(b, bt, bh, bw, c_out, t, h, w).permute(0, 4, 5, 1, 6, 2, 7, 3)
-        return x.reshape(b, c_out, t * bt, h * bh, w * bw)[:, :, bt - 1:]
+        x = x.reshape(b, c_out, t * bt, h * bh, w * bw)
+        if self._to_drop is None:
+            return x[:, :, bt - 1:]
+        drop = min(self._to_drop, x.shape[2])
+        self._to_drop -= drop
+        return x[:, :, drop:]
 
 
 def _stage(cin: int, cout: int, units: int, groups: int) -> list[nn.Module]:
@@ -126,7 +207,7 @@ def build_encoder(cfg: Magvit2Config) -> nn.Sequential:
         cin = c
         if i < len(cfg.strides):
             layers.append(CausalConv3d(c, c, stride=cfg.strides[i]))
-    layers += [GroupNorm3D(g, cin), Swish(cin), nn.Conv3d(cin, len(cfg.levels), 1)]
+    layers += [GroupNorm3D(g, cin), Swish(cin), FrameConv3d(cin, len(cfg.levels), 1)]
     return nn.Sequential(*layers)
 
 
@@ -144,6 +225,10 @@ def build_decoder(cfg: Magvit2Config) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def _dtype(stack: nn.Module) -> torch.dtype:
+    return next(stack.parameters()).dtype
+
+
 class Magvit2(nn.Module):
     """video [B, 3, T, H, W] in [-0.5, 0.5] <-> FSQ codes [B, t, h, w]."""
 
@@ -153,15 +238,48 @@ class Magvit2(nn.Module):
         self.encoder_layers = build_encoder(cfg)
         self.decoder_layers = build_decoder(cfg)
         self.quantizer = FSQ(cfg.levels)
+        self._streaming = False  # inside streaming(): layers carry state between calls
 
     def encode(self, video):
-        """-> (normalised codes [B, C, t, h, w], indices [B, t, h, w])."""
-        return self.quantizer(self.encoder_layers(video))
+        """-> (normalised codes [B, C, t, h, w], indices [B, t, h, w]).
+
+        The conv stack runs in its weights' dtype (see `cast_layers`); FSQ always in fp32: a
+        bf16 bound would move values across rounding boundaries.
+        """
+        z = self.encoder_layers(video.to(_dtype(self.encoder_layers)))
+        return self.quantizer(z.float())
 
     def decode_codes(self, codes):
-        return self.decoder_layers(codes)
+        """codes [B, C, t, h, w] -> video [B, 3, T, H, W] in the decoder's weights' dtype."""
+        return self.decoder_layers(codes.to(_dtype(self.decoder_layers)))
 
     def forward(self, video):
         """Reconstruction [B, 3, T, H, W] and indices (training: straight-through FSQ)."""
         codes, indices = self.encode(video)
         return self.decode_codes(codes), indices
+
+    def cast_layers(self, dtype: torch.dtype) -> Magvit2:
+        """Cast the encoder and decoder weights to `dtype` (e.g. bf16 for inference); the FSQ
+        buffers keep fp32, so quantisation stays exact."""
+        self.encoder_layers.to(dtype)
+        self.decoder_layers.to(dtype)
+        return self
+
+    @contextmanager
+    def streaming(self) -> Iterator[Magvit2]:
+        """Inside the block, successive calls of encode / decode_codes (or of the layer stacks)
+        take successive time chunks of ONE clip (batch fixed); their outputs concatenated over
+        time equal the one-piece result. Leaving the block forgets the clip."""
+        if self._streaming:
+            raise RuntimeError("Magvit2.streaming() is already active: it streams one clip at "
+                               "a time; leave the open block first")
+        layers = [m for m in self.modules() if isinstance(m, (CausalConv3d, Depth2Space3D))]
+        for m in layers:
+            m.start_stream()
+        self._streaming = True
+        try:
+            yield self
+        finally:
+            self._streaming = False
+            for m in layers:
+                m.stop_stream()

@@ -8,6 +8,20 @@ File formats read by `load_video_tokenizer(path)`:
   ours       torch.save({"format": "nbp_mega.video_tokenizer", "version": 1,
                          "config": Magvit2Config fields, "state_dict": {...}, "meta": {...}})
 Both load strictly: a missing, unexpected or mis-shaped tensor is an error naming it.
+
+Long clips are processed in time chunks through `Magvit2.streaming()` (exactly, see
+magvit2.py): frames_per_chunk = F (a multiple of the time downsample ft, default 16) splits
+the frames as 1 + F, F, F, ... (the last may be shorter, still a multiple of ft) and the
+latents as 1 + F/ft, F/ft, ..., so peak memory follows F, not T (nbp-magvit2, 257x128x128:
+the largest activation is 0.27 GiB instead of 4 GiB). A clip that fits in the first chunk
+takes the one-piece path.
+
+dtype: the conv stacks run in fp32 or bf16 (default: bf16 on CUDA, fp32 elsewhere, as CPU
+bf16 convolutions are slow without AVX-512 BF16 / AMX); FSQ always quantises in fp32. Measured
+on the tiny preset with random weights (tests/tokenizer/test_streaming.py, 2x33x32x32 clips, 4
+seeds): bf16 gives 92-94% of the fp32 indices (98.7-99.1% of their 6 digits, none off by more
+than one level); decoding the same tokens differs from fp32 by 0.0037 mean absolute error
+(1.3% of the output std), 0.035 at most.
 """
 
 from __future__ import annotations
@@ -15,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+from contextlib import nullcontext
 
 import torch
 
@@ -28,12 +43,53 @@ class TokenizerError(ValueError):
     """A tokenizer file or an input that does not fit the tokenizer."""
 
 
-class VideoTokenizer:
-    """encode: video -> LongTensor [B, t, h, w]; decode: tokens -> video [B, 3, T, H, W]."""
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16}
 
-    def __init__(self, model: Magvit2, *, name: str, checksum: str, batch_size: int = 4):
+
+def _compute_dtype(dtype, device: torch.device) -> torch.dtype:
+    """None -> bf16 on CUDA, fp32 elsewhere; else a torch dtype or one of _DTYPES' names."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    resolved = _DTYPES.get(dtype) if isinstance(dtype, str) else dtype
+    if resolved not in (torch.float32, torch.bfloat16):
+        raise TokenizerError(f"tokenizer dtype {dtype!r}: expected torch.float32 or "
+                             f"torch.bfloat16 (or one of {sorted(_DTYPES)}, or None for auto)")
+    return resolved
+
+
+def _chunk_sizes(length: int, step: int | None) -> list[int]:
+    """1 + step, step, step, ... (the last possibly shorter) summing to length; [length] if
+    step is None or the whole length fits in the first chunk."""
+    if step is None or length <= 1 + step:
+        return [length]
+    rest = length - 1 - step
+    return [1 + step] + [step] * (rest // step) + ([rest % step] if rest % step else [])
+
+
+class VideoTokenizer:
+    """encode: video -> LongTensor [B, t, h, w]; decode: tokens -> video [B, 3, T, H, W].
+
+    batch_size clips at a time; frames_per_chunk (None: whole clips) frames at a time after the
+    first 1 + frames_per_chunk; dtype of the conv stacks (see the module docstring).
+    """
+
+    def __init__(self, model: Magvit2, *, name: str, checksum: str, batch_size: int = 4,
+                 frames_per_chunk: int | None = 16, dtype: torch.dtype | str | None = None):
         self.model = model.eval()
         self.name, self._checksum, self.batch_size = name, checksum, batch_size
+        self.frames_per_chunk = self._check_chunk(frames_per_chunk)
+        self.dtype = _compute_dtype(dtype, self._device())
+        model.cast_layers(self.dtype)
+
+    def _check_chunk(self, frames: int | None) -> int | None:
+        ft = self.downsample[0]
+        if frames is not None and (not isinstance(frames, int) or isinstance(frames, bool)
+                                   or frames < ft or frames % ft):
+            raise TokenizerError(f"frames_per_chunk={frames!r}: expected a positive multiple "
+                                 f"of the time downsample {ft} (chunks of 1 + F frames, then F; "
+                                 f"e.g. {4 * ft}), or None for whole clips")
+        return frames
 
     @property
     def codebook_size(self) -> int:
@@ -82,22 +138,39 @@ class VideoTokenizer:
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def _streaming(self, chunks: list[int]):
+        return self.model.streaming() if len(chunks) > 1 else nullcontext()
+
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         video = self._as_float_video(video)
-        out = [self.model.encode(chunk.to(self._device()).float())[1].cpu()
-               for chunk in video.split(self.batch_size)]
-        return torch.cat(out)
+        return torch.cat([self._encode_clips(clips) for clips in video.split(self.batch_size)])
+
+    def _encode_clips(self, video: torch.Tensor) -> torch.Tensor:
+        """float [b, 3, T, H, W] -> indices [b, t, h, w] on the CPU, time chunk by chunk."""
+        chunks = _chunk_sizes(video.shape[2], self.frames_per_chunk)
+        with self._streaming(chunks):
+            out = [self.model.encode(frames.to(self._device()).float())[1].cpu()
+                   for frames in video.split(chunks, dim=2)]
+        return torch.cat(out, dim=1)
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         if tokens.dim() != 4:
             raise TokenizerError(f"tokens must be [B, t, h, w], got {tuple(tokens.shape)}")
+        return torch.cat([self._decode_clips(clips) for clips in tokens.split(self.batch_size)])
+
+    def _decode_clips(self, tokens: torch.Tensor) -> torch.Tensor:
+        """indices [b, t, h, w] -> float32 video [b, 3, T, H, W] on the CPU; a chunk of n
+        latent frames gives ft*n frames (the first chunk 1 + ft*(n-1))."""
+        frames = self.frames_per_chunk
+        chunks = _chunk_sizes(tokens.shape[1], frames and frames // self.downsample[0])
         out = []
-        for chunk in tokens.split(self.batch_size):
-            codes = self.model.quantizer.indices_to_codes(chunk.to(self._device()))
-            out.append(self.model.decode_codes(codes).clamp(-0.5, 0.5).cpu())
-        return torch.cat(out)
+        with self._streaming(chunks):
+            for piece in tokens.split(chunks, dim=1):
+                codes = self.model.quantizer.indices_to_codes(piece.to(self._device()))
+                out.append(self.model.decode_codes(codes).float().clamp(-0.5, 0.5).cpu())
+        return torch.cat(out, dim=2)
 
 
 # -- files -----------------------------------------------------------------------------------
@@ -156,8 +229,12 @@ def _read(path: str) -> tuple[Magvit2Config, dict]:
 
 
 def load_video_tokenizer(path_or_preset: str, *, device="cpu", batch_size: int = 4,
-                         seed: int = 0) -> VideoTokenizer:
-    """A tokenizer from a file (published or ours) or a preset name (fresh weights from seed)."""
+                         seed: int = 0, frames_per_chunk: int | None = 16,
+                         dtype: torch.dtype | str | None = None) -> VideoTokenizer:
+    """A tokenizer from a file (published or ours) or a preset name (fresh weights from seed).
+
+    frames_per_chunk, dtype: see VideoTokenizer (None dtype: bf16 on CUDA, fp32 elsewhere).
+    """
     if path_or_preset in PRESETS:
         torch.manual_seed(seed)
         model = Magvit2(PRESETS[path_or_preset])
@@ -174,7 +251,8 @@ def load_video_tokenizer(path_or_preset: str, *, device="cpu", batch_size: int =
     else:
         raise TokenizerError(f"{path_or_preset!r} is neither a tokenizer file nor a preset "
                              f"({', '.join(PRESETS)})")
-    return VideoTokenizer(model.to(device), name=name, checksum=checksum, batch_size=batch_size)
+    return VideoTokenizer(model.to(device), name=name, checksum=checksum, batch_size=batch_size,
+                          frames_per_chunk=frames_per_chunk, dtype=dtype)
 
 
 def save_video_tokenizer(model: Magvit2, path: str, meta: dict | None = None) -> None:
