@@ -10,7 +10,7 @@
 // of one head) handed to torch's intra-op OpenMP threads one at a time. Operands read by rows
 // (q, k, v, grad_out) are used in place when they are fp32 with D = Dp and each head's rows
 // contiguous; otherwise ATen copies them into fp32, zero-padded buffers (bf16/fp16,
-// D % 8 != 0, rows far apart). Operands
+// D % 16 != 0, rows far apart). Operands
 // a GEMM wants transposed (k in the forward; q, grad_out in the backward) are always copied
 // once, transposed and padded: an O(S D) copy, small next to the O(S^2 D) products.
 #include <ATen/ATen.h>

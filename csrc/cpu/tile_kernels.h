@@ -1,6 +1,7 @@
 // The vectorised inner loops of the CPU attention kernels, as a table of functions with one
-// implementation per instruction set (AVX2+FMA on x86-64, portable C++ elsewhere), chosen
-// once at run time: the extension then runs on any CPU, at full speed where AVX2 exists.
+// implementation per instruction set (AVX-512F and AVX2+FMA on x86-64, portable C++
+// elsewhere), chosen once at run time: the extension then runs on any CPU, at full speed
+// where the wide instructions exist.
 //
 // Legend: M, N, K the sizes of a tile product C[M, N] = A[M, K] B[K, N]; W floats per vector.
 // All buffers are fp32. Rows handed to these functions are padded to a multiple of kPad
@@ -11,7 +12,7 @@
 
 namespace nbp_mega::cpu {
 
-constexpr int64_t kPad = 8;  // floats: one AVX2 register; widths are rounded up to this
+constexpr int64_t kPad = 16;  // floats: one AVX-512 register; widths are rounded up to this
 
 // The softmax loops work in base 2 (p = 2^(x log2 e) = e^x): folding log2(e) into the score
 // scale leaves one FMA per score before the exponential and no multiply by ln 2 inside it.
@@ -21,7 +22,7 @@ constexpr float kLn2 = 0.693147180559945309f;
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 struct TileKernels {
-  const char* isa;  // "avx2" or "generic": reported by `python -m nbp_mega.ops --info`
+  const char* isa;  // "avx512", "avx2" or "generic": `python -m nbp_mega.ops --info` says it
 
   // C[M, N] (+)= A[M, K] B[K, N]. A element (i, k) is a[i * a_row + k * a_col], so A may be
   // a transposed view; B is row-major with row stride ldb; C row-major with row stride ldc.
@@ -49,9 +50,11 @@ struct TileKernels {
   void (*scale)(float* x, int64_t width, float alpha);
 };
 
-// The implementations. avx2_kernels() is nullptr where the build or the CPU lacks AVX2+FMA.
+// The implementations. avx512_kernels() / avx2_kernels() are nullptr where the build or the
+// CPU lacks AVX-512F / AVX2+FMA.
 const TileKernels& generic_kernels();
 const TileKernels* avx2_kernels();
+const TileKernels* avx512_kernels();
 
 // The fastest table this CPU runs (decided once; NBP_CPU_ISA=generic forces the portable one).
 const TileKernels& tile_kernels();

@@ -1,5 +1,5 @@
 // Portable instantiation of the tile loops (one float per "vector"; the compiler vectorises
-// what it can), and the run-time choice between it and the AVX2 table.
+// what it can), and the run-time choice between it and the AVX2 / AVX-512 tables.
 //
 // Legend: W = 1 float per vector.
 #include <cstdint>
@@ -14,6 +14,8 @@ namespace generic {
 struct Scalar {
   using V = float;
   static constexpr int W = 1;
+  static constexpr int MR = 3;  // 3 x 4 scalar accumulators: what the compiler keeps in registers
+  static constexpr int NV = 4;
   static V load(const float* p) { return *p; }
   static void store(float* p, V v) { *p = v; }
   static V set1(float x) { return x; }
@@ -38,12 +40,15 @@ constexpr TileKernels kTable = TileImpl<Scalar>::table("generic");
 const TileKernels& generic_kernels() { return generic::kTable; }
 
 const TileKernels& tile_kernels() {
-  // Decided once (thread-safe static). NBP_CPU_ISA=generic forces the portable loops, which
-  // is how the tests check them on an AVX2 machine.
-  static const TileKernels* chosen = [] {
+  // Decided once (thread-safe static): the widest table the CPU runs. NBP_CPU_ISA=avx2 or
+  // generic caps the choice, which is how the tests check the narrower tables on a wider CPU.
+  static const TileKernels* chosen = []() -> const TileKernels* {
     const char* forced = std::getenv("NBP_CPU_ISA");
     const bool generic = forced != nullptr && std::strcmp(forced, "generic") == 0;
-    return generic ? nullptr : avx2_kernels();
+    const bool avx2 = forced != nullptr && std::strcmp(forced, "avx2") == 0;
+    if (generic) return nullptr;
+    const TileKernels* wide = avx2 ? nullptr : avx512_kernels();
+    return wide != nullptr ? wide : avx2_kernels();
   }();
   return chosen != nullptr ? *chosen : generic_kernels();
 }

@@ -1,26 +1,27 @@
 // The tile loops of tile_kernels.h, written once over a vector policy `Vec` and instantiated
-// per instruction set by tile_kernels_avx2.cpp and tile_kernels_generic.cpp.
+// per instruction set by tile_kernels_avx512.cpp, tile_kernels_avx2.cpp and
+// tile_kernels_generic.cpp.
 //
 // Legend: M, N, K sizes of C[M, N] (+)= A[M, K] B[K, N]; W = Vec::W floats per vector;
 // MR x NV the register block of the GEMM (MR rows of C, NV vectors of W columns).
 //
-// This header is included after a `#pragma GCC target` in the AVX2 file, so it includes no
+// This header is included after a `#pragma GCC target` in the AVX2 and AVX-512 files, so it includes no
 // standard header and calls no inline library function (only compiler builtins): an inline
 // function instantiated here under AVX2 could otherwise be merged by the linker with the
 // portable copy and run AVX2 code on a CPU without it. Include it inside a namespace that is
 // unique to the instruction set.
 //
-// `Vec` provides: V, W, load, store, set1, zero, fmadd, fmsub, mul, sub, max, exp2,
-// reduce_max, reduce_add.
+// `Vec` provides: V, W, MR, NV, load, store, set1, zero, fmadd, fmsub, mul, sub, max, exp2,
+// reduce_max, reduce_add. W must divide kPad (rows are padded to kPad floats).
 
 template <class Vec>
 struct TileImpl {
   using V = typename Vec::V;
   static constexpr int W = Vec::W;
-  // 3 rows x 4 vectors: 12 accumulators + 4 loads of B + 1 broadcast of A fit the 16 AVX2
-  // registers; measured fastest of 6x2, 4x3 and 3x4 on the development machine (Zen).
-  static constexpr int MR = 3;
-  static constexpr int NV = 4;
+  // The GEMM register block comes with the instruction set (it depends on how many vector
+  // registers there are): MR rows x NV vectors of accumulators.
+  static constexpr int MR = Vec::MR;
+  static constexpr int NV = Vec::NV;
 
   // C[R, NVr * W] (+)= A[R, K] B[K, NVr * W], all accumulators in registers.
   template <int R, int NVr>
@@ -56,12 +57,17 @@ struct TileImpl {
     int64_t i = 0;
     for (; i + MR <= M; i += MR)
       micro<MR, NVr>(K, a + i * a_row, a_row, a_col, b, ldb, c + i * ldc, ldc, accumulate);
-    const float* ai = a + i * a_row;
-    float* ci = c + i * ldc;
-    switch (M - i) {  // 0 .. MR - 1 rows left
-      case 2: micro<2, NVr>(K, ai, a_row, a_col, b, ldb, ci, ldc, accumulate); break;
-      case 1: micro<1, NVr>(K, ai, a_row, a_col, b, ldb, ci, ldc, accumulate); break;
-      default: break;
+    rows_left<NVr, MR - 1>(M - i, K, a + i * a_row, a_row, a_col, b, ldb, c + i * ldc, ldc,
+                           accumulate);
+  }
+
+  // The last 0 .. MR - 1 rows of a panel: micro<rows, NVr>, picked at compile time.
+  template <int NVr, int R>
+  static void rows_left(int64_t rows, int64_t K, const float* a, int64_t a_row, int64_t a_col,
+                        const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+    if constexpr (R > 0) {
+      if (rows == R) return micro<R, NVr>(K, a, a_row, a_col, b, ldb, c, ldc, accumulate);
+      rows_left<NVr, R - 1>(rows, K, a, a_row, a_col, b, ldb, c, ldc, accumulate);
     }
   }
 

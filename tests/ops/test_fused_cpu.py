@@ -143,11 +143,11 @@ def test_same_result_on_one_and_two_threads():
         torch.testing.assert_close(g1, g2, atol=1e-6, rtol=1e-6)
 
 
-PORTABLE_CHECK = """
-import torch, nbp_mega._C as C
+NARROW_ISA_CHECK = """
+import os, torch, nbp_mega._C as C
 from nbp_mega.ops import fused
 from nbp_mega.ops.reference import dense_attention_with_lse
-assert C.cpu_isa == "generic", C.cpu_isa
+assert C.cpu_isa == os.environ["NBP_CPU_ISA"], C.cpu_isa
 q, k, v = [torch.randn(2, 3, 150, 24, dtype=torch.float64, requires_grad=True) for _ in "qkv"]
 out, lse = fused.fused_attention(*(t.float() for t in (q, k, v)), 16, 5)
 ref, ref_lse = dense_attention_with_lse(q, k, v, 16, 5)
@@ -157,10 +157,23 @@ print(max((a - b).abs().max().item() for a, b in zip((out, lse, *g), (ref, ref_l
 """
 
 
-def test_portable_loops_where_there_is_no_avx2():
-    env = dict(os.environ, NBP_CPU_ISA="generic", NBP_ATTENTION_IMPL="block_loop")
-    run = subprocess.run([sys.executable, "-c", PORTABLE_CHECK], env=env, capture_output=True,
-                         text=True, timeout=300)
+def _cpu_has(flag: str) -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return flag in f.read().split()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("isa", ["generic", "avx2"])
+def test_narrower_loops_than_the_cpu_has(isa):
+    """The tables a wider CPU does not pick (the portable loops, AVX2 on an AVX-512 CPU) are
+    forced with NBP_CPU_ISA and checked against the reference like the default one."""
+    if isa == "avx2" and not _cpu_has("avx2"):
+        pytest.skip("this CPU has no AVX2")
+    env = dict(os.environ, NBP_CPU_ISA=isa, NBP_ATTENTION_IMPL="block_loop")
+    run = subprocess.run([sys.executable, "-c", NARROW_ISA_CHECK], env=env,
+                         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert float(run.stdout.split()[-1]) < 1e-4, run.stdout
 

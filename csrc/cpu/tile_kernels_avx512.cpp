@@ -1,0 +1,101 @@
+// AVX-512F instantiation of the tile loops (x86-64 with GCC; elsewhere avx512_kernels() is
+// nullptr). Like the AVX2 file it is compiled for its instruction set through
+// `#pragma GCC target`, not a flag, and tile_kernels() checks the CPU before using it.
+// PyTorch's own CPU kernels use AVX-512 where it exists, so an AVX2-only kernel would give
+// away half the vector width against the baselines it is measured with.
+//
+// Legend: W = 16 floats per __m512 register.
+#include <cstdint>
+
+#include "tile_kernels.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define NBP_HAVE_AVX512_KERNELS 1
+#include <immintrin.h>
+
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+// GCC 12's own avx512fintrin.h trips -Wmaybe-uninitialized on its _mm512_undefined_*()
+// placeholders (a known false positive); nothing here reads an uninitialised value.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+namespace nbp_mega::cpu::avx512 {
+
+struct Avx512 {
+  using V = __m512;
+  static constexpr int W = 16;
+  // 6 rows x 4 vectors: 24 accumulators + 4 loads of B + 1 broadcast of A of the 32 registers.
+  static constexpr int MR = 6;
+  static constexpr int NV = 4;
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static V set1(float x) { return _mm512_set1_ps(x); }
+  static V zero() { return _mm512_setzero_ps(); }
+  static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V fmsub(V a, V b, V c) { return _mm512_fmsub_ps(a, b, c); }
+  static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V max(V a, V b) { return _mm512_max_ps(a, b); }
+
+  // Halving folds down to one lane (the intrinsics' own reductions are library inline
+  // functions, which this file must not instantiate; see tile_kernels_impl.h).
+  static float reduce_max(V v) {
+    __m256 y = _mm256_max_ps(_mm512_castps512_ps256(v),
+                             _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    __m128 x = _mm_max_ps(_mm256_castps256_ps128(y), _mm256_extractf128_ps(y, 1));
+    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+  }
+
+  static float reduce_add(V v) {
+    __m256 y = _mm256_add_ps(_mm512_castps512_ps256(v),
+                             _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(y), _mm256_extractf128_ps(y, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+  }
+
+  // 2^x as in the AVX2 file: 2^n 2^f, n = round(x), 2^f by its degree-6 Taylor polynomial,
+  // n added into the exponent bits; exactly 0 below -125; no overflow guard (x <= ~0 here).
+  static V exp2(V x) {
+    const V lo = set1(-125.f);
+    const V xc = _mm512_max_ps(x, lo);
+    const V n = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const V f = sub(xc, n);
+    V p = set1(1.540353039338161e-4f);  // (ln 2)^k / k!, k = 6 .. 0
+    p = fmadd(p, f, set1(1.333355814642844e-3f));
+    p = fmadd(p, f, set1(9.618129107628477e-3f));
+    p = fmadd(p, f, set1(5.550410866482158e-2f));
+    p = fmadd(p, f, set1(2.402265069591007e-1f));
+    p = fmadd(p, f, set1(6.931471805599453e-1f));
+    p = fmadd(p, f, set1(1.f));
+    const __m512i scaled = _mm512_add_epi32(_mm512_castps_si512(p),
+                                            _mm512_slli_epi32(_mm512_cvtps_epi32(n), 23));
+    const __mmask16 below = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+    return _mm512_mask_blend_ps(below, _mm512_castsi512_ps(scaled), zero());
+  }
+};
+
+#include "tile_kernels_impl.h"
+
+constexpr TileKernels kTable = TileImpl<Avx512>::table("avx512");
+
+}  // namespace nbp_mega::cpu::avx512
+
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+#endif
+
+namespace nbp_mega::cpu {
+
+const TileKernels* avx512_kernels() {
+#if defined(NBP_HAVE_AVX512_KERNELS)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return &avx512::kTable;
+#endif
+  return nullptr;
+}
+
+}  // namespace nbp_mega::cpu
