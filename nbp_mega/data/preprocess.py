@@ -103,8 +103,10 @@ def load_encoders(cfg: PreprocessConfig) -> Encoders:
     if cfg.tokenizer is not None:
         from nbp_mega.tokenizer import load_video_tokenizer
 
+        # fp32 on every device: shards must hold the codes the tokenizer defines (bf16, the
+        # GPU default for interactive use, changes ~7% of them) and reruns must match.
         video = load_video_tokenizer(cfg.tokenizer, device=cfg.device,
-                                     batch_size=cfg.batch_size)
+                                     batch_size=cfg.batch_size, dtype="fp32")
     if cfg.text_tokenizer is not None:
         from nbp_mega.tokenizer.text import TextTokenizer
 

@@ -405,3 +405,23 @@ def test_list_inputs_tables_and_layouts(tmp_path):
     found, rejected = list_inputs(str(tmp_path / "k600.txt"), root=str(tmp_path / "k600"))
     assert [(i.split, i.label_name) for i in found] == [("train", "abseiling"), ("val", "zumba")]
     assert rejected[0].reason.startswith("listed twice")
+
+
+def test_tokenizer_runs_in_fp32_on_every_device(monkeypatch):
+    """Shards hold the codes the tokenizer defines: preprocessing never takes the bf16 path
+    that load_video_tokenizer picks by default on a GPU (it changes ~7% of the codes)."""
+    import nbp_mega.tokenizer as tokenizer_pkg
+    from nbp_mega.data.preprocess import PreprocessConfig, load_encoders
+
+    seen = {}
+    real = tokenizer_pkg.load_video_tokenizer
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **{**kwargs, "device": "cpu"})
+
+    monkeypatch.setattr(tokenizer_pkg, "load_video_tokenizer", spy)
+    enc = load_encoders(PreprocessConfig(input="unused", output="unused", tokenizer="tiny",
+                                         device="cuda"))
+    assert seen["device"] == "cuda" and seen["dtype"] == "fp32"
+    assert next(enc.video.model.parameters()).dtype == torch.float32
