@@ -17,6 +17,8 @@
 
 namespace nbp_mega::cpu::avx2 {
 
+#include "exp2_fraction.h"
+
 struct Avx2 {
   using V = __m256;
   static constexpr int W = 8;
@@ -47,9 +49,8 @@ struct Avx2 {
     return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
   }
 
-  // 2^x = 2^n 2^f with n = round(x) and |f| <= 1/2; 2^f = exp(f ln 2) from its Taylor series
-  // to degree 6 (truncation error < 1.3e-7 relative, about 1 ulp); n is added straight into
-  // the exponent bits of 2^f. Below -125 the result is exactly 0 (a score far below the row
+  // 2^x = 2^n 2^f with n = round(x) and |f| <= 1/2; 2^f from exp2_fraction.h (degree-6
+  // Taylor polynomial, about 1 ulp); n is added straight into the exponent bits of 2^f. Below -125 the result is exactly 0 (a score far below the row
   // max contributes nothing, and 2^n stays a normal float). The softmax calls it with x <= ~0,
   // so there is no overflow guard: x >= 128 would be wrong.
   static V exp2(V x) {
@@ -57,13 +58,7 @@ struct Avx2 {
     const V xc = _mm256_max_ps(x, lo);
     const V n = _mm256_round_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const V f = sub(xc, n);
-    V p = set1(1.540353039338161e-4f);  // (ln 2)^k / k!, k = 6 .. 0
-    p = fmadd(p, f, set1(1.333355814642844e-3f));
-    p = fmadd(p, f, set1(9.618129107628477e-3f));
-    p = fmadd(p, f, set1(5.550410866482158e-2f));
-    p = fmadd(p, f, set1(2.402265069591007e-1f));
-    p = fmadd(p, f, set1(6.931471805599453e-1f));
-    p = fmadd(p, f, set1(1.f));
+    const V p = exp2_fraction<Avx2>(f);
     const __m256i scaled = _mm256_add_epi32(_mm256_castps_si256(p),
                                             _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23));
     return _mm256_blendv_ps(_mm256_castsi256_ps(scaled), zero(), _mm256_cmp_ps(x, lo, _CMP_LT_OQ));

@@ -22,6 +22,8 @@
 
 namespace nbp_mega::cpu::avx512 {
 
+#include "exp2_fraction.h"
+
 struct Avx512 {
   using V = __m512;
   static constexpr int W = 16;
@@ -64,13 +66,7 @@ struct Avx512 {
     const V xc = _mm512_max_ps(x, lo);
     const V n = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const V f = sub(xc, n);
-    V p = set1(1.540353039338161e-4f);  // (ln 2)^k / k!, k = 6 .. 0
-    p = fmadd(p, f, set1(1.333355814642844e-3f));
-    p = fmadd(p, f, set1(9.618129107628477e-3f));
-    p = fmadd(p, f, set1(5.550410866482158e-2f));
-    p = fmadd(p, f, set1(2.402265069591007e-1f));
-    p = fmadd(p, f, set1(6.931471805599453e-1f));
-    p = fmadd(p, f, set1(1.f));
+    const V p = exp2_fraction<Avx512>(f);
     const __m512i scaled = _mm512_add_epi32(_mm512_castps_si512(p),
                                             _mm512_slli_epi32(_mm512_cvtps_epi32(n), 23));
     const __mmask16 below = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
