@@ -14,15 +14,10 @@ import io
 import multiprocessing as mp
 import os
 import queue
-import socket
 import time
 import traceback
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from nbp_mega.parallel.dims import free_port
 
 
 def _entry(fn, rank, world_size, port, args, results, env):

@@ -14,6 +14,7 @@ from torch import nn
 
 from nbp_mega.config_fields import ConfigError, deep_merge
 from nbp_mega.parallel.dims import ParallelDims
+from nbp_mega.parallel.gloo_grads import use_allreduce_for_zero3_grads
 
 log = logging.getLogger("nbp_mega.parallel")
 
@@ -145,6 +146,8 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, 
     import deepspeed
 
     ds_config = deepspeed_config(cfg, dims)
+    if cfg.parallel.zero_stage == 3 and dims.dp > 1:
+        use_allreduce_for_zero3_grads(dims.dp_group)
     if load_universal:
         ds_config = deep_merge(ds_config, {"checkpoint": {"load_universal": True}})
     engine, _, _, _ = deepspeed.initialize(

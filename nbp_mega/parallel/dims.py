@@ -71,7 +71,7 @@ class ParallelDims:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -104,7 +104,7 @@ def init_parallel(cfg: ParallelConfig) -> ParallelDims:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         if "MASTER_ADDR" not in os.environ:  # a plain single-process run
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         # DeepSpeed reads these from the environment even when we created the group.
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size),
                           LOCAL_RANK=str(local_rank))

@@ -34,6 +34,9 @@ from torch import nn
 from nbp_mega.tokenizer.fsq import FSQ
 
 
+NORMS = ("group", "none")
+
+
 @dataclass(frozen=True)
 class Magvit2Config:
     channels: tuple[int, ...] = (128, 256, 256, 512)  # encoder stage widths
@@ -42,14 +45,22 @@ class Magvit2Config:
     strides: tuple[tuple[int, int, int], ...] = ((1, 2, 2), (2, 2, 2), (2, 2, 2))
     levels: tuple[int, ...] = (8, 8, 8, 5, 5, 5)  # FSQ levels: the code dimension is their count
     norm_groups: int = 32
+    # "group": GroupNorm of each frame (published); "none": no normalisation, and residual
+    # branches start at 0.
+    # Per-frame GroupNorm removes each frame's mean colour and contrast per group; small models
+    # trained from scratch in minutes learn much faster without it (.notes/tokenizer_quality.md).
+    norm: str = "group"
 
     def __post_init__(self):
+        if self.norm not in NORMS:
+            raise ValueError(f"tokenizer config: norm={self.norm!r}, expected one of "
+                             f"{sorted(NORMS)}")
         if len(self.channels) != len(self.res_units) or len(self.strides) != len(self.channels) - 1:
             raise ValueError(f"tokenizer config: {len(self.channels)} channel widths need as "
                              f"many res_units and one stride fewer, got {self.res_units}, "
                              f"{self.strides}")
         bad = [c for c in self.channels if c % self.norm_groups]
-        if bad:
+        if bad and self.norm == "group":
             raise ValueError(f"tokenizer config: widths {bad} are not multiples of norm_groups="
                              f"{self.norm_groups}")
 
@@ -60,7 +71,9 @@ class Magvit2Config:
 
 PRESETS = {
     "nbp-magvit2": Magvit2Config(),
-    "tiny": Magvit2Config(channels=(16, 32, 32, 32), res_units=(1, 1, 1, 1), norm_groups=8),
+    # Trained from scratch in minutes: no normalisation (see Magvit2Config.norm).
+    "tiny": Magvit2Config(channels=(16, 32, 32, 32), res_units=(1, 1, 1, 1), norm_groups=8,
+                          norm="none"),
 }
 
 
@@ -143,6 +156,12 @@ class GroupNorm3D(nn.GroupNorm):
         return y.reshape(b, t, c, h, w).transpose(1, 2)
 
 
+def _norm(cfg: Magvit2Config, channels: int) -> nn.Module:
+    if cfg.norm == "group":
+        return GroupNorm3D(cfg.norm_groups, channels)
+    return nn.Identity()
+
+
 class Swish(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
@@ -153,10 +172,10 @@ class Swish(nn.Module):
 
 
 class ResidualUnit(nn.Module):
-    def __init__(self, cin: int, cout: int, groups: int):
+    def __init__(self, cin: int, cout: int, cfg: Magvit2Config):
         super().__init__()
-        self.fn = nn.Sequential(GroupNorm3D(groups, cin), Swish(cin), CausalConv3d(cin, cout),
-                                GroupNorm3D(groups, cout), Swish(cout), CausalConv3d(cout, cout))
+        self.fn = nn.Sequential(_norm(cfg, cin), Swish(cin), CausalConv3d(cin, cout),
+                                _norm(cfg, cout), Swish(cout), CausalConv3d(cout, cout))
         if cin != cout:
             self.residual_fn = nn.Sequential(CausalConv3d(cin, cout, kernel=(1, 1, 1)))
 
@@ -194,34 +213,34 @@ class Depth2Space3D(nn.Module):
         return x[:, :, drop:]
 
 
-def _stage(cin: int, cout: int, units: int, groups: int) -> list[nn.Module]:
-    return [ResidualUnit(cin if i == 0 else cout, cout, groups) for i in range(units)]
+def _stage(cin: int, cout: int, units: int, cfg: Magvit2Config) -> list[nn.Module]:
+    return [ResidualUnit(cin if i == 0 else cout, cout, cfg) for i in range(units)]
 
 
 def build_encoder(cfg: Magvit2Config) -> nn.Sequential:
-    c0, g = cfg.channels[0], cfg.norm_groups
+    c0 = cfg.channels[0]
     layers: list[nn.Module] = [CausalConv3d(3, c0)]
     cin = c0
     for i, (c, units) in enumerate(zip(cfg.channels, cfg.res_units, strict=True)):
-        layers += _stage(cin, c, units, g)
+        layers += _stage(cin, c, units, cfg)
         cin = c
         if i < len(cfg.strides):
             layers.append(CausalConv3d(c, c, stride=cfg.strides[i]))
-    layers += [GroupNorm3D(g, cin), Swish(cin), FrameConv3d(cin, len(cfg.levels), 1)]
+    layers += [_norm(cfg, cin), Swish(cin), FrameConv3d(cin, len(cfg.levels), 1)]
     return nn.Sequential(*layers)
 
 
 def build_decoder(cfg: Magvit2Config) -> nn.Sequential:
     channels, units = cfg.channels[::-1], cfg.res_units[::-1]
-    strides, g = cfg.strides[::-1], cfg.norm_groups
+    strides = cfg.strides[::-1]
     layers: list[nn.Module] = [CausalConv3d(len(cfg.levels), channels[0])]
     cin = channels[0]
     for i, (c, n) in enumerate(zip(channels, units, strict=True)):
-        layers += _stage(cin, c, n, g)
+        layers += _stage(cin, c, n, cfg)
         cin = c
         if i < len(strides):
             layers += [CausalConv3d(c, c * math.prod(strides[i])), Depth2Space3D(*strides[i])]
-    layers += [GroupNorm3D(g, cin), Swish(cin), CausalConv3d(cin, 3)]
+    layers += [_norm(cfg, cin), Swish(cin), CausalConv3d(cin, 3)]
     return nn.Sequential(*layers)
 
 
@@ -239,6 +258,19 @@ class Magvit2(nn.Module):
         self.decoder_layers = build_decoder(cfg)
         self.quantizer = FSQ(cfg.levels)
         self._streaming = False  # inside streaming(): layers carry state between calls
+        if cfg.norm == "none":
+            self._zero_residual_branches()
+
+    @torch.no_grad()
+    def _zero_residual_branches(self) -> None:
+        """Without normalisation every residual unit starts as the identity (its branch's last
+        conv at zero, as in SkipInit/Fixup): the sum of ~10 unnormalised branches would
+        otherwise grow the activations layer by layer. Loading weights overrides it."""
+        for unit in self.modules():
+            if isinstance(unit, ResidualUnit):
+                last = unit.fn[-1].conv
+                last.weight.zero_()
+                last.bias.zero_()
 
     def encode(self, video):
         """-> (normalised codes [B, C, t, h, w], indices [B, t, h, w]).

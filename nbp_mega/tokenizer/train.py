@@ -40,6 +40,8 @@ class ModelSection:
     channels: list[int] = option([], "encoder widths ([] = preset)")
     res_units: list[int] = option([], "residual units per stage ([] = preset)")
     norm_groups: int = option(0, "GroupNorm groups (0 = preset)", min=0)
+    norm: str = option("", "normalisation: group (published) or none ('' = preset)",
+                       choices=["", "group", "none"])
 
 
 @dataclass
@@ -110,6 +112,8 @@ def model_config(section: ModelSection) -> Magvit2Config:
                if getattr(section, k)}
     if section.norm_groups:
         changes["norm_groups"] = section.norm_groups
+    if section.norm:
+        changes["norm"] = section.norm
     try:
         return dataclasses.replace(base, **changes)
     except ValueError as e:

@@ -4,6 +4,7 @@ our own format, and errors for bad input."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import hashlib
 import math
 import os
@@ -19,6 +20,7 @@ from nbp_mega.tokenizer import (
     load_video_tokenizer,
     save_video_tokenizer,
 )
+from nbp_mega.tokenizer.magvit2 import GroupNorm3D, Magvit2Config, ResidualUnit
 
 REFERENCE = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "reference",
                          "nbp_magvit2_state_dict.tsv")
@@ -126,8 +128,15 @@ def test_shapes_17x128x128(tiny):
     assert tiny.decode(tokens).abs().max() <= 0.5
 
 
-def test_encoder_and_decoder_are_causal(tiny):
-    enc, dec = tiny.model.encoder_layers, tiny.model.decoder_layers
+@pytest.mark.parametrize("norm", ["none", "group"])
+def test_encoder_and_decoder_are_causal(norm):
+    torch.manual_seed(0)
+    model = Magvit2(dataclasses.replace(PRESETS["tiny"], norm=norm))
+    if norm == "none":  # every residual branch starts at 0: give them weights to test
+        for unit in model.modules():
+            if isinstance(unit, ResidualUnit):
+                torch.nn.init.normal_(unit.fn[-1].conv.weight, std=0.05)
+    enc, dec = model.encoder_layers, model.decoder_layers
     video = torch.rand(1, 3, 9, 32, 32) - 0.5
     with torch.no_grad():
         base = enc(video)  # [1, 6, 3, 4, 4]
@@ -182,3 +191,28 @@ def test_bad_input_is_explained(tiny, tmp_path):
                                      tiny.model.state_dict().items()}}, tmp_path / "small.pt")
     with pytest.raises(TokenizerError, match="another tokenizer architecture"):
         load_video_tokenizer(str(tmp_path / "small.pt"))  # published format, tiny weights
+
+
+def test_norm_none_preset():
+    """tiny has no normalisation layers, residual branches start at 0 (identity units), and
+    its keys are the GroupNorm variant's minus the norm parameters; a bad norm is explained."""
+    torch.manual_seed(0)
+    plain = Magvit2(PRESETS["tiny"])
+    grouped = Magvit2(dataclasses.replace(PRESETS["tiny"], norm="group"))
+    assert not any(isinstance(m, GroupNorm3D) for m in plain.modules())
+    units = [m for m in plain.modules() if isinstance(m, ResidualUnit)]
+    assert units and all(not u.fn[-1].conv.weight.any() and not u.fn[-1].conv.bias.any()
+                         for u in units)
+    norm_keys = {f"{n}.{p}" for n, m in grouped.named_modules() if isinstance(m, GroupNorm3D)
+                 for p in ("weight", "bias")}
+    assert set(plain.state_dict()) == set(grouped.state_dict()) - norm_keys
+    video = torch.rand(1, 3, 5, 16, 16) - 0.5
+    with torch.no_grad():
+        x = plain.encoder_layers[0](video)
+        assert torch.equal(units[0](x), x)  # an identity unit at init
+    with pytest.raises(ValueError, match="norm='layer', expected one of"):
+        Magvit2Config(norm="layer")
+    from nbp_mega.tokenizer.train import ModelSection, model_config
+
+    assert model_config(ModelSection(preset="tiny", norm="group")).norm == "group"
+    assert model_config(ModelSection(preset="tiny")).norm == "none"
