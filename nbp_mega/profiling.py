@@ -8,8 +8,11 @@ operator's self time goes to the first category that claims it:
     attention      block-causal attention kernels (fused op, SDPA, flex)
     matmul         mm / addmm / bmm / linear kernels
     other          the rest (element-wise ops, norms, softmax-CE, copies, framework overhead)
-`other` also absorbs step time no operator accounts for (Python between ops), so the
-categories add up to the profiled steps' wall time.
+Communication also gets the time the step's main thread spends outside any operator while a
+collective runs on a backend thread: gloo (and DeepSpeed's async gathers) execute there, and
+the main thread waits for them in `Work.wait()`, which the profiler records as no operator.
+`other` absorbs the rest of the step time no operator accounts for (Python between ops), so
+the categories add up to the profiled steps' wall time.
 """
 
 from __future__ import annotations
@@ -53,15 +56,58 @@ def _category(event) -> str | None:
     return None
 
 
+def _union(intervals) -> list[tuple[float, float]]:
+    merged: list[list[float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(a, b) for a, b in merged]
+
+
+def _overlap(xs, ys) -> float:
+    """Total length of the intersection of two sorted, disjoint interval lists."""
+    total, i, j = 0.0, 0, 0
+    while i < len(xs) and j < len(ys):
+        total += max(0.0, min(xs[i][1], ys[j][1]) - max(xs[i][0], ys[j][0]))
+        if xs[i][1] < ys[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+def comm_wait_seconds(events) -> float:
+    """Seconds the step's thread (the one with the most operator calls) is inside no operator
+    while a collective runs on another thread (see the module docstring)."""
+    calls: dict[int, int] = {}
+    for e in events:
+        calls[e.thread] = calls.get(e.thread, 0) + 1
+    if len(calls) < 2:
+        return 0.0
+    main = max(calls, key=calls.get)
+    ops = _union((e.time_range.start, e.time_range.end) for e in events
+                 if e.thread == main and not e.name.startswith("nbp."))
+    comm = _union((e.time_range.start, e.time_range.end) for e in events
+                  if e.thread != main and _claims(e.name, _COMM))
+    if not ops or not comm:
+        return 0.0
+    idle = [(a[1], b[0]) for a, b in zip(ops, ops[1:])]  # gaps between the main thread's ops
+    return _overlap(idle, comm) / 1e6
+
+
 def breakdown(prof, wall_seconds: float) -> dict:
     """{category: seconds} over the profiled steps, plus `fraction` of the wall time each."""
     seconds = dict.fromkeys(CATEGORIES, 0.0)
-    for event in prof.events():
+    events = prof.events()
+    for event in events:
         if event.name.startswith("nbp."):  # our ranges: their time is their children's
             continue
         category = _category(event)
         if category is not None:
             seconds[category] += event.self_cpu_time_total / 1e6
+    seconds["communication"] += comm_wait_seconds(events)
     seconds["other"] = max(wall_seconds - sum(seconds.values()), 0.0)
     total = sum(seconds.values()) or 1.0
     return {"seconds": seconds, "fraction": {k: v / total for k, v in seconds.items()},

@@ -97,3 +97,17 @@ def test_bench_train_mfu_against_the_peak(params, zero3_tflops, expect_mfu_targe
     else:
         assert records[2]["mfu"]["met"] is expect_mfu_target
         assert records[2]["mfu"]["target"] == bench.TARGET_MFU
+
+
+@pytest.mark.distributed
+def test_bench_gloo_times_both_averaging_paths(capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(TOOLS))  # its spawned ranks import it by name
+    bench = load_tool("bench_gloo")
+    bench.main(["--elements", "10000", "--tensors", "7", "--repeats", "1", "--json"])
+    *rows, ratio = json.loads(capsys.readouterr().out)
+    assert {r["impl"] for r in rows} == {"reduce_scatter_coalesced", "bucket_all_reduce",
+                                         "reduce_scatter_tensor", "all_reduce"}
+    assert all(r["seconds"] > 0 and r["elements"] == 10000 for r in rows)
+    seconds = {r["impl"]: r["seconds"] for r in rows}
+    assert ratio["bucket_all_reduce_vs_reduce_scatter_coalesced"] == pytest.approx(
+        seconds["bucket_all_reduce"] / seconds["reduce_scatter_coalesced"])

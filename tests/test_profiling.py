@@ -42,3 +42,37 @@ def test_profiler_off_does_nothing(tmp_path):
     with profiler.step(1):
         torch.ones(3).sum()
     assert profiler.result is None and not list(tmp_path.iterdir())
+
+
+def _profile_a_wait():
+    import time
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    x, out = torch.randn(4_000_000), torch.empty(8_000_000)
+    a = torch.randn(256, 256)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        handle = dist.all_gather_into_tensor(out, x, async_op=True)
+        for _ in range(3):
+            a @ a
+        waiting = time.perf_counter()
+        handle.wait()
+        dist.all_reduce(x)
+        end = time.perf_counter()
+    dist.destroy_process_group()
+    from nbp_mega.profiling import breakdown
+
+    return breakdown(prof, end - start)["seconds"], end - waiting
+
+
+@pytest.mark.distributed
+def test_waiting_for_a_collective_counts_as_communication():
+    """gloo runs collectives on its own threads; the step's thread waits outside any operator:
+    that wait is communication, not "other"."""
+    from tests.spawn import run_distributed
+
+    for seconds, waited in run_distributed(_profile_a_wait, 2):
+        assert seconds["communication"] >= 0.5 * waited > 0
+        assert seconds["communication"] <= sum(seconds.values())

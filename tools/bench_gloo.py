@@ -1,15 +1,18 @@
-"""Gradient averaging on gloo: DeepSpeed ZeRO-3's reduce-scatter vs nbp_mega's all-reduce.
+"""Gradient averaging on gloo: ZeRO-3's two ways of averaging a gradient bucket, timed.
 
     python tools/bench_gloo.py --json [--elements 98700000 --tensors 150 --ranks 2]
 
 On `--ranks` local gloo ranks (one thread each), a bucket of `--elements` fp32 values split
 into `--tensors` adjacent views (as ZeRO-3's gradient bucket) is averaged by
-  reduce_scatter_tensor    torch.distributed on one flat buffer (what DeepSpeed calls)
-  all_reduce               torch.distributed, in place on the same buffer
-  deepspeed_coalesced      deepspeed...coalesced_collectives.reduce_scatter_coalesced
-  nbp_allreduce_coalesced  nbp_mega.parallel.gloo_grads.reduce_scatter_coalesced_allreduce
+  reduce_scatter_coalesced  DeepSpeed's zero_optimization.reduce_scatter=true path
+                            (deepspeed...coalesced_collectives.reduce_scatter_coalesced)
+  bucket_all_reduce         its reduce_scatter=false path: divide the bucket in place and
+                            all_reduce it (what nbp_mega configures for ZeRO-3 on gloo)
+and, for reference, the bare torch.distributed calls on the flat buffer:
+  reduce_scatter_tensor, all_reduce.
 Prints a JSON list of {"impl", "elements", "tensors", "ranks", "seconds"} (median of
---repeats, rank 0's clock after a barrier) and a "ratio" record (nbp / deepspeed).
+--repeats, rank 0's clock after a barrier) and a "ratio" record (all-reduce path / DeepSpeed's
+reduce-scatter path).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import statistics
 import sys
 import time
@@ -33,8 +37,6 @@ def _rank(rank: int, args, port: int, results) -> None:
     import torch.distributed as dist
     from deepspeed.runtime.comm.coalesced_collectives import reduce_scatter_coalesced
 
-    from nbp_mega.parallel.gloo_grads import reduce_scatter_coalesced_allreduce
-
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     deepspeed.init_distributed("gloo", dist_init_required=False)
@@ -42,12 +44,16 @@ def _rank(rank: int, args, port: int, results) -> None:
     sizes = [len(c) for c in torch.arange(args.elements).tensor_split(args.tensors)]
     out = torch.empty(args.elements // args.ranks)
     views = list(bucket.split(sizes))
+
+    def bucket_all_reduce():
+        dist.all_reduce(bucket.div_(args.ranks))
+
     impls = {
+        "reduce_scatter_coalesced": lambda: reduce_scatter_coalesced(views),
+        "bucket_all_reduce": bucket_all_reduce,
         "reduce_scatter_tensor": lambda: dist.reduce_scatter_tensor(
             out, bucket[:out.numel() * args.ranks]),
         "all_reduce": lambda: dist.all_reduce(bucket),
-        "deepspeed_coalesced": lambda: reduce_scatter_coalesced(views),
-        "nbp_allreduce_coalesced": lambda: reduce_scatter_coalesced_allreduce(views),
     }
     records = []
     for name, fn in impls.items():
@@ -82,12 +88,21 @@ def main(argv=None) -> None:
     procs = [ctx.Process(target=_rank, args=(r, args, port, results)) for r in range(args.ranks)]
     for proc in procs:
         proc.start()
-    records = results.get(timeout=1800)
+    while True:  # rank 0 reports; a rank that dies fails the run instead of hanging it
+        try:
+            records = results.get(timeout=1.0)
+            break
+        except queue.Empty:
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                for proc in procs:
+                    proc.kill()
+                raise SystemExit(f"bench_gloo: a rank failed (exit code {dead[0]})")
     for proc in procs:
         proc.join()
     by_impl = {r["impl"]: r["seconds"] for r in records}
-    records.append({"impl": "ratio", "nbp_vs_deepspeed": by_impl["nbp_allreduce_coalesced"]
-                    / by_impl["deepspeed_coalesced"]})
+    records.append({"impl": "ratio", "bucket_all_reduce_vs_reduce_scatter_coalesced":
+                    by_impl["bucket_all_reduce"] / by_impl["reduce_scatter_coalesced"]})
     print(json.dumps(records, indent=None if args.json else 1))
 
 

@@ -178,7 +178,7 @@ def bench_config(config: str, args, work_dir: str) -> list[dict]:
                                  ("plain", run_plain, args.ranks)):
         run_dir = os.path.join(work_dir, f"{name}_{setup}")
         runner(config, bench_overrides(data_dir, run_dir, total, args.warmup + args.steps + 1,
-                                       args.profile), width)
+                                       args.profile) + args.set, width)
         records.append({"shape": name, "setup": setup, "parameters": info["parameters"],
                         "tokens_per_step": tokens, "steps_timed": args.steps,
                         **summarize(run_dir, timed, tokens, info["training_flops_per_token"])})
@@ -215,6 +215,9 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps (median)")
     p.add_argument("--profile", type=int, default=1, help="profiled steps after the timed ones")
     p.add_argument("--work-dir", help="keep runs and data here (default: a temporary dir)")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="config overrides for both setups (e.g. parallel.gloo_allreduce_grads"
+                        "=false to measure without nbp_mega's gloo gradient all-reduce)")
     p.add_argument("--json", action="store_true", help="print only the JSON list")
     p.add_argument("--plain-loop", metavar="CONFIG", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)
