@@ -169,18 +169,19 @@ def bench_config(config: str, args, work_dir: str) -> list[dict]:
     info = model_info(cfg.model)
     name = os.path.splitext(os.path.basename(config))[0]
     data_dir = os.path.join(work_dir, f"data_{name}")
-    total = args.warmup + args.steps + args.profile
+    steps = args.steps or (3 if info["parameters"] >= MFU_TARGET_PARAMS else 20)
+    total = args.warmup + steps + args.profile
     make_data(cfg, data_dir, clips=cfg.train.global_batch * (total + 2))
-    timed = range(args.warmup + 1, args.warmup + args.steps + 1)
+    timed = range(args.warmup + 1, args.warmup + steps + 1)
     tokens = cfg.train.global_batch * info["targets_per_clip"]
     records = []
     for setup, runner, width in (("zero3_dp2", run_zero3, args.ranks),
                                  ("plain", run_plain, args.ranks)):
         run_dir = os.path.join(work_dir, f"{name}_{setup}")
-        runner(config, bench_overrides(data_dir, run_dir, total, args.warmup + args.steps + 1,
+        runner(config, bench_overrides(data_dir, run_dir, total, args.warmup + steps + 1,
                                        args.profile) + args.set, width)
         records.append({"shape": name, "setup": setup, "parameters": info["parameters"],
-                        "tokens_per_step": tokens, "steps_timed": args.steps,
+                        "tokens_per_step": tokens, "steps_timed": steps,
                         **summarize(run_dir, timed, tokens, info["training_flops_per_token"])})
     zero3, plain = records
     ratio = zero3["tokens_per_s"] / plain["tokens_per_s"]
@@ -212,7 +213,8 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=4,
                    help="untimed steps first (ZeRO-3 settles after ~4: it traces the order "
                         "in which modules fetch parameters)")
-    p.add_argument("--steps", type=int, default=3, help="timed steps (median)")
+    p.add_argument("--steps", type=int, default=0,
+                   help="timed steps (median; 0 = 3 for ~100M+ configs, 20 for smaller ones)")
     p.add_argument("--profile", type=int, default=1, help="profiled steps after the timed ones")
     p.add_argument("--work-dir", help="keep runs and data here (default: a temporary dir)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
