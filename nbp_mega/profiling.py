@@ -93,7 +93,7 @@ def comm_wait_seconds(events) -> float:
                   if e.thread != main and _claims(e.name, _COMM))
     if not ops or not comm:
         return 0.0
-    idle = [(a[1], b[0]) for a, b in zip(ops, ops[1:])]  # gaps between the main thread's ops
+    idle = [(a[1], b[0]) for a, b in zip(ops, ops[1:], strict=False)]  # gaps between its ops
     return _overlap(idle, comm) / 1e6
 
 

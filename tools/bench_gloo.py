@@ -97,7 +97,7 @@ def main(argv=None) -> None:
             if dead:
                 for proc in procs:
                     proc.kill()
-                raise SystemExit(f"bench_gloo: a rank failed (exit code {dead[0]})")
+                raise SystemExit(f"bench_gloo: a rank failed (exit code {dead[0]})") from None
     for proc in procs:
         proc.join()
     by_impl = {r["impl"]: r["seconds"] for r in records}

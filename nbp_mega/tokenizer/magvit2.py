@@ -33,7 +33,6 @@ from torch import nn
 
 from nbp_mega.tokenizer.fsq import FSQ
 
-
 NORMS = ("group", "none")
 
 
