@@ -218,8 +218,8 @@ def main(argv=None) -> None:
     p.add_argument("--profile", type=int, default=1, help="profiled steps after the timed ones")
     p.add_argument("--work-dir", help="keep runs and data here (default: a temporary dir)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="config overrides for both setups (e.g. parallel.gloo_allreduce_grads"
-                        "=false to measure without nbp_mega's gloo gradient all-reduce)")
+                   help="config overrides for both setups (e.g. deepspeed.zero_optimization."
+                        "reduce_scatter=true: ZeRO-3 on gloo with DeepSpeed's reduce-scatter)")
     p.add_argument("--json", action="store_true", help="print only the JSON list")
     p.add_argument("--plain-loop", metavar="CONFIG", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)

@@ -70,7 +70,8 @@ class Magvit2Config:
 
 PRESETS = {
     "nbp-magvit2": Magvit2Config(),
-    # Trained from scratch in minutes: no normalisation (see Magvit2Config.norm).
+    # Trained from scratch in minutes: no normalisation (see Magvit2Config.norm); norm_groups
+    # is what `norm="group"` on these widths uses.
     "tiny": Magvit2Config(channels=(16, 32, 32, 32), res_units=(1, 1, 1, 1), norm_groups=8,
                           norm="none"),
 }

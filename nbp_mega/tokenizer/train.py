@@ -39,7 +39,7 @@ class ModelSection:
     preset: str = option("tiny", "architecture preset", choices=sorted(PRESETS))
     channels: list[int] = option([], "encoder widths ([] = preset)")
     res_units: list[int] = option([], "residual units per stage ([] = preset)")
-    norm_groups: int = option(0, "GroupNorm groups (0 = preset)", min=0)
+    norm_groups: int = option(0, "GroupNorm groups with norm=group (0 = preset)", min=0)
     norm: str = option("", "normalisation: group (published) or none ('' = preset)",
                        choices=["", "group", "none"])
 
