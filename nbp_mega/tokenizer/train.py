@@ -115,9 +115,13 @@ def model_config(section: ModelSection) -> Magvit2Config:
     if section.norm:
         changes["norm"] = section.norm
     try:
-        return dataclasses.replace(base, **changes)
+        cfg = dataclasses.replace(base, **changes)
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
+    if section.norm_groups and cfg.norm != "group":
+        raise ConfigError(f"model.norm_groups={section.norm_groups} needs model.norm=group; "
+                          f"the model has norm={cfg.norm!r} (no GroupNorm layers)")
+    return cfg
 
 
 # -- data ------------------------------------------------------------------------------------

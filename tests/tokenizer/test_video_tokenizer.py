@@ -210,9 +210,22 @@ def test_norm_none_preset():
     with torch.no_grad():
         x = plain.encoder_layers[0](video)
         assert torch.equal(units[0](x), x)  # an identity unit at init
+    # Variance-preserving init: the codes, and through them the reconstruction, depend on the
+    # input from step 0. PyTorch's default init gives every clip the same code (z varies
+    # 0.005 across clips, the reconstruction not at all), so training starts from a decoder
+    # that ignores its codes.
+    clips = torch.rand(8, 3, 5, 32, 32) - 0.5
+    with torch.no_grad():
+        z = plain.encoder_layers(clips)
+        recon = plain.decode_codes(plain.quantizer(z)[0])
+    assert z.std(0).mean() > 0.05 and recon.std(0).mean() > 0.02
     with pytest.raises(ValueError, match="norm='layer', expected one of"):
         Magvit2Config(norm="layer")
+    from nbp_mega.config_fields import ConfigError
     from nbp_mega.tokenizer.train import ModelSection, model_config
 
     assert model_config(ModelSection(preset="tiny", norm="group")).norm == "group"
     assert model_config(ModelSection(preset="tiny")).norm == "none"
+    assert model_config(ModelSection(preset="tiny", norm="group", norm_groups=4)).norm_groups == 4
+    with pytest.raises(ConfigError, match="norm_groups=4 needs model.norm=group"):
+        model_config(ModelSection(preset="tiny", norm_groups=4))
