@@ -22,6 +22,7 @@ carried state lives in plain attributes, so the state dict is unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -75,6 +76,11 @@ PRESETS = {
     "tiny": Magvit2Config(channels=(16, 32, 32, 32), res_units=(1, 1, 1, 1), norm_groups=8,
                           norm="none"),
 }
+# tiny with 4x4-pixel tokens (downsample (4, 4, 4), 4x the tokens of a clip): on a 2-core CPU
+# in minutes it learns the moving squares of the synthetic videos as soft blobs of the right
+# colour and place, where tiny's 8x8-pixel tokens give only faint smudges (README).
+PRESETS["tiny-s4"] = dataclasses.replace(PRESETS["tiny"],
+                                         strides=((1, 2, 2), (2, 1, 1), (2, 2, 2)))
 
 
 def _no_frames(conv: nn.Conv3d, x: torch.Tensor, pad_h: int = 0, pad_w: int = 0):

@@ -128,26 +128,30 @@ def test_shapes_17x128x128(tiny):
     assert tiny.decode(tokens).abs().max() <= 0.5
 
 
-@pytest.mark.parametrize("norm", ["none", "group"])
-def test_encoder_and_decoder_are_causal(norm):
+@pytest.mark.parametrize("preset,norm", [("tiny", "none"), ("tiny", "group"),
+                                         ("tiny-s4", "none")])
+def test_encoder_and_decoder_are_causal(preset, norm):
     torch.manual_seed(0)
-    model = Magvit2(dataclasses.replace(PRESETS["tiny"], norm=norm))
+    model = Magvit2(dataclasses.replace(PRESETS[preset], norm=norm))
     if norm == "none":  # every residual branch starts at 0: give them weights to test
         for unit in model.modules():
             if isinstance(unit, ResidualUnit):
                 torch.nn.init.normal_(unit.fn[-1].conv.weight, std=0.05)
     enc, dec = model.encoder_layers, model.decoder_layers
+    side = 32 // model.cfg.downsample[1]  # latent height and width of a 32x32 clip
     video = torch.rand(1, 3, 9, 32, 32) - 0.5
     with torch.no_grad():
-        base = enc(video)  # [1, 6, 3, 4, 4]
+        base = enc(video)  # [1, 6, 3, side, side]
+        assert base.shape == (1, 6, 3, side, side)
         for frame in range(9):
             moved = video.clone()
             moved[:, :, frame] += 0.3
             changed = (enc(moved) - base).abs().amax(dim=(0, 1, 3, 4)) > 0  # [3] latent frames
             first = 0 if frame == 0 else (frame + 3) // 4  # latent k sees frames <= 4k
             assert changed.tolist() == [k >= first for k in range(3)], frame
-        codes = torch.rand(1, 6, 3, 4, 4) - 0.5
+        codes = torch.rand(1, 6, 3, side, side) - 0.5
         out = dec(codes)  # [1, 3, 9, 32, 32]
+        assert out.shape == video.shape
         moved = codes.clone()
         moved[:, :, 1] += 0.5
         changed = (dec(moved) - out).abs().amax(dim=(0, 1, 3, 4)) > 0  # [9] frames
@@ -226,6 +230,21 @@ def test_norm_none_preset():
 
     assert model_config(ModelSection(preset="tiny", norm="group")).norm == "group"
     assert model_config(ModelSection(preset="tiny")).norm == "none"
+    assert Magvit2(model_config(ModelSection(preset="tiny-s4"))).cfg.downsample == (4, 4, 4)
     assert model_config(ModelSection(preset="tiny", norm="group", norm_groups=4)).norm_groups == 4
     with pytest.raises(ConfigError, match="norm_groups=4 needs model.norm=group"):
         model_config(ModelSection(preset="tiny", norm_groups=4))
+
+
+def test_tiny_s4_preset(tmp_path):
+    """4x4-pixel tokens: 4x the latent grid of tiny; its strides survive our file format."""
+    tok = load_video_tokenizer("tiny-s4")
+    assert tok.downsample == (4, 4, 4) and tok.latent_shape(5, 32, 32) == (2, 8, 8)
+    video = torch.rand(1, 3, 5, 32, 32) - 0.5
+    tokens = tok.encode(video)
+    assert tokens.shape == (1, 2, 8, 8)
+    assert tok.decode(tokens).shape == video.shape
+    save_video_tokenizer(tok.model, str(tmp_path / "s4.pt"))
+    again = load_video_tokenizer(str(tmp_path / "s4.pt"))
+    assert again.model.cfg == tok.model.cfg
+    assert torch.equal(again.encode(video), tokens)
