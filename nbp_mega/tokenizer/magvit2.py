@@ -69,18 +69,18 @@ class Magvit2Config:
         return tuple(math.prod(s[i] for s in self.strides) for i in range(3))
 
 
+# Trained from scratch in minutes: no normalisation (see Magvit2Config.norm); norm_groups is
+# what `norm="group"` on these widths uses.
+_TINY = Magvit2Config(channels=(16, 32, 32, 32), res_units=(1, 1, 1, 1), norm_groups=8,
+                      norm="none")
 PRESETS = {
     "nbp-magvit2": Magvit2Config(),
-    # Trained from scratch in minutes: no normalisation (see Magvit2Config.norm); norm_groups
-    # is what `norm="group"` on these widths uses.
-    "tiny": Magvit2Config(channels=(16, 32, 32, 32), res_units=(1, 1, 1, 1), norm_groups=8,
-                          norm="none"),
+    "tiny": _TINY,
+    # tiny with 4x4-pixel tokens (downsample (4, 4, 4), 4x the tokens of a clip): on a 2-core
+    # CPU in minutes it learns the moving squares of the synthetic videos as soft blobs of the
+    # right colour and place, where tiny's 8x8-pixel tokens give only faint smudges (README).
+    "tiny-s4": dataclasses.replace(_TINY, strides=((1, 2, 2), (2, 1, 1), (2, 2, 2))),
 }
-# tiny with 4x4-pixel tokens (downsample (4, 4, 4), 4x the tokens of a clip): on a 2-core CPU
-# in minutes it learns the moving squares of the synthetic videos as soft blobs of the right
-# colour and place, where tiny's 8x8-pixel tokens give only faint smudges (README).
-PRESETS["tiny-s4"] = dataclasses.replace(PRESETS["tiny"],
-                                         strides=((1, 2, 2), (2, 1, 1), (2, 2, 2)))
 
 
 def _no_frames(conv: nn.Conv3d, x: torch.Tensor, pad_h: int = 0, pad_w: int = 0):
