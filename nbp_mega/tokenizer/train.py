@@ -71,6 +71,9 @@ class TrainSection:
                                       "vgg_weights)", min=0)
     vgg_weights: str = option("", "VGG-16 state dict file (torchvision keys features.N.*)")
     gan_weight: float = option(0.0, "weight of the PatchGAN generator loss (0 = no GAN)", min=0)
+    gan_adaptive: bool = option(True, "scale the generator loss by ||grad rec|| / ||grad gan|| "
+                                "(VQGAN's balance, measured at the reconstruction) before "
+                                "gan_weight; a fixed weight swamps a small reconstruction loss")
     gan_start: int = option(0, "step at which the adversarial losses start", min=0)
     disc_lr: float = option(1e-4, "discriminator learning rate", min=0)
     save_every: int = option(500, "checkpoint every N steps (0 = at the end only)", min=0)
@@ -224,6 +227,17 @@ def _all_reduce_grads(module: torch.nn.Module, dims) -> None:
                 p.grad /= dims.dp
 
 
+def adaptive_gan_scale(rec_loss: torch.Tensor, gan_loss: torch.Tensor, recon: torch.Tensor,
+                       cap: float = 1e4) -> torch.Tensor:
+    """||d rec_loss / d recon|| / ||d gan_loss / d recon||, detached and at most `cap`: the
+    generator loss times this pulls on the reconstruction as hard as the reconstruction loss
+    does. VQGAN takes the norms at the decoder's last weight; the decoder's output gives the
+    same balance without touching parameters, which ZeRO-3 partitions."""
+    g_rec, = torch.autograd.grad(rec_loss, recon, retain_graph=True)
+    g_gan, = torch.autograd.grad(gan_loss, recon, retain_graph=True)
+    return (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(max=cap).detach()
+
+
 def train_step(parts: Parts, video: torch.Tensor, step: int, cfg: TrainSection, dims) -> dict:
     """One step of the autoencoder (and of the discriminator once the GAN has started)."""
     from nbp_mega.tokenizer.losses import hinge_d_loss, hinge_g_loss
@@ -231,30 +245,37 @@ def train_step(parts: Parts, video: torch.Tensor, step: int, cfg: TrainSection, 
 
     engine, gan_on = parts.engine, parts.disc is not None and step >= cfg.gan_start
     recon, _ = engine(video)
-    error = recon - video
+    # The losses run on a leaf copy of the reconstruction: the GAN balance differentiates them
+    # there (a torch.autograd.grad into the engine's graph would fire DeepSpeed's backward
+    # hooks), and the model gets d loss / d recon through one backward of the engine.
+    out = recon.detach().requires_grad_()
+    error = out - video
     terms = {"l1": error.abs().mean()}
     if cfg.l2_weight:
         terms["l2"] = error.square().mean()
     if parts.perceptual is not None:
-        terms["perceptual"] = parts.perceptual(recon, video)
-    if gan_on:
-        parts.disc.requires_grad_(False)
-        terms["gan_g"] = hinge_g_loss(parts.disc(recon))
-        parts.disc.requires_grad_(True)
-    weights = {"l1": cfg.l1_weight, "l2": cfg.l2_weight, "perceptual": cfg.perceptual_weight,
-               "gan_g": cfg.gan_weight}
+        terms["perceptual"] = parts.perceptual(out, video)
+    weights = {"l1": cfg.l1_weight, "l2": cfg.l2_weight, "perceptual": cfg.perceptual_weight}
     loss = sum(weights[k] * v for k, v in terms.items())
-    engine.backward(loss)
-    engine.step()
     record = {k: v.item() for k, v in terms.items()}
     if gan_on:
+        parts.disc.requires_grad_(False)
+        gan_g = hinge_g_loss(parts.disc(out))
+        parts.disc.requires_grad_(True)
+        scale = adaptive_gan_scale(loss, gan_g, out) if cfg.gan_adaptive else 1.0
+        loss = loss + cfg.gan_weight * scale * gan_g
+        record["gan_g"], record["gan_scale"] = gan_g.item(), float(scale)
+    grad, = torch.autograd.grad(loss, out)
+    engine.backward((recon * grad).sum())
+    engine.step()
+    if gan_on:
         parts.disc_opt.zero_grad(set_to_none=True)
-        d_loss = hinge_d_loss(parts.disc(video), parts.disc(recon.detach()))
+        d_loss = hinge_d_loss(parts.disc(video), parts.disc(out.detach()))
         d_loss.backward()
         _all_reduce_grads(parts.disc, dims)
         parts.disc_opt.step()
         record["gan_d"] = d_loss.item()
-    record["loss"], record["psnr"] = loss.item(), psnr(recon.detach(), video).mean().item()
+    record["loss"], record["psnr"] = loss.item(), psnr(out.detach(), video).mean().item()
     return record
 
 

@@ -37,6 +37,7 @@ def test_train_resume_export_and_evaluate(tmp_path):
     full = train(tmp_path / "full", videos)
     assert [r["step"] for r in full] == [1, 2, 3, 4]
     assert "gan_d" in full[2] and "gan_d" not in full[1]  # the GAN starts at train.gan_start
+    assert full[2]["gan_scale"] > 0  # the adaptive weight (train.gan_adaptive, on by default)
     train(tmp_path / "resumed", videos, "train.stop_at=2")
     resumed = train(tmp_path / "resumed", videos)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
@@ -63,6 +64,24 @@ def test_run_config_errors():
         load_run_config(None, ["data.videos=x", "train.perceptual_weight=1"])
     with pytest.raises(ValueError, match="model.preset"):
         load_run_config(None, ["data.videos=x", "model.preset=huge"])
+
+
+def test_adaptive_gan_scale_balances_the_gradients_at_the_reconstruction():
+    import torch
+
+    from nbp_mega.tokenizer.train import adaptive_gan_scale
+
+    torch.manual_seed(0)
+    recon = torch.randn(2, 3, 5, 8, 8, requires_grad=True)
+    target = torch.randn(2, 3, 5, 8, 8)
+    rec = (recon - target).square().mean()
+    gan = -(recon * torch.randn_like(recon)).sum()  # a much steeper loss than rec
+    scale = adaptive_gan_scale(rec, gan, recon)
+    g_rec, = torch.autograd.grad(rec, recon, retain_graph=True)
+    g_gan, = torch.autograd.grad(scale * gan, recon, retain_graph=True)
+    assert scale.item() < 0.01 and not scale.requires_grad
+    assert g_gan.norm().item() == pytest.approx(g_rec.norm().item(), rel=1e-3)
+    assert adaptive_gan_scale(1e6 * rec, gan, recon, cap=5.0).item() == 5.0
 
 
 def test_lr_warms_up_then_follows_a_cosine_to_the_floor():
