@@ -231,8 +231,9 @@ def adaptive_gan_scale(rec_loss: torch.Tensor, gan_loss: torch.Tensor, recon: to
                        cap: float = 1e4) -> torch.Tensor:
     """||d rec_loss / d recon|| / ||d gan_loss / d recon||, detached and at most `cap`: the
     generator loss times this pulls on the reconstruction as hard as the reconstruction loss
-    does. VQGAN takes the norms at the decoder's last weight; the decoder's output gives the
-    same balance without touching parameters, which ZeRO-3 partitions."""
+    does. VQGAN takes the norms at the decoder's last weight; the decoder's output gives a
+    like balance without touching parameters, which ZeRO-3 partitions. Each data-parallel
+    rank takes it from its own clips, as VQGAN does under DDP."""
     g_rec, = torch.autograd.grad(rec_loss, recon, retain_graph=True)
     g_gan, = torch.autograd.grad(gan_loss, recon, retain_graph=True)
     return (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(max=cap).detach()
