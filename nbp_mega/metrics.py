@@ -21,8 +21,9 @@ from nbp_mega.config_fields import option
 @dataclass
 class LogConfig:
     tensorboard: bool = option(True, "write TensorBoard event files to <run_dir>/tensorboard")
-    peak_tflops: float = option(0.0, "peak TFLOP/s of one device for MFU (0 = measure a "
-                                "matmul at start-up)", min=0.0)
+    peak_tflops: float = option(0.0, "peak TFLOP/s of one device for MFU (0 = the GPU's "
+                                "datasheet figure, nbp_mega/peak_flops.py; on the CPU or an "
+                                "unknown GPU a matmul measured at start-up)", min=0.0)
     block_loss_every: int = option(10, "log loss per block position to TensorBoard every N "
                                    "steps", min=1)
     progress: bool = option(True, "rank-0 progress bar with ETA on stderr")

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     from nbp_mega.config import dump_config, load_config
     from nbp_mega.data.loader import build_loaders
     from nbp_mega.info import full_parameter_counts, training_flops_per_token
-    from nbp_mega.metrics import MetricsLogger, measure_matmul_tflops
+    from nbp_mega.metrics import MetricsLogger
     from nbp_mega.model import NBPTransformer
     from nbp_mega.optim import build_optimizer, build_scheduler
     from nbp_mega.parallel.deepspeed import (
@@ -94,14 +94,16 @@ def main(argv: list[str] | None = None) -> None:
         convert_to_universal,
         needs_universal_checkpoint,
     )
-    from nbp_mega.parallel.dims import init_parallel, shutdown_parallel
+    from nbp_mega.parallel.dims import init_parallel, report_devices, shutdown_parallel
     from nbp_mega.parallel.layers import TensorParallel
+    from nbp_mega.peak_flops import peak_tflops
     from nbp_mega.trainer import Trainer
 
     config_path, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     cfg = load_config(config_path, overrides)
     dims = init_parallel(cfg.parallel)
     setup_logging(dims.rank)
+    report_devices(dims)
     checkpointer = Checkpointer(cfg.run_dir, keep_last=cfg.train.keep_last, rank=dims.rank)
     resume, saved_streams, universal = checkpointer.latest(), 0, False
     if resume:
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
                                                             cfg.train.steps), cfg, dims,
                           load_universal=universal)
     matmul = counts["non_embedding"] + model.head.linear.weight.numel() * dims.tp
-    peak = cfg.log.peak_tflops or measure_matmul_tflops(dims.device)
+    peak = peak_tflops(dims.device, cfg.train.precision, cfg.log.peak_tflops)
     trainer = Trainer(cfg, dims=dims, engine=engine, layout=model.layout, loader=loader,
                       val_index=val_index, checkpointer=checkpointer, metrics=None,
                       flops_per_token=training_flops_per_token(cfg.model, matmul),

@@ -11,9 +11,9 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from nbp_mega.config_fields import ConfigError, option
+from nbp_mega.parallel.collectives import all_gather_objects, all_reduce_
 from nbp_mega.profiling import StepProfiler, record_function
 
 
@@ -35,13 +35,6 @@ class TrainConfig:
     def validate(self) -> None:
         if self.stop_at > self.steps:
             raise ConfigError(f"train.stop_at={self.stop_at} is after train.steps={self.steps}")
-
-
-def _all_reduce_mean(values: torch.Tensor, group, size: int) -> torch.Tensor:
-    if size > 1:
-        dist.all_reduce(values, group=group)
-        values /= size
-    return values
 
 
 class Trainer:
@@ -71,11 +64,7 @@ class Trainer:
         """The position of every data stream: each data-parallel rank holds its own."""
         from nbp_mega.data.stream import merge_states
 
-        states = [self.loader.state_dict()]
-        if self.dims.dp > 1:
-            states = [None] * self.dims.dp
-            dist.all_gather_object(states, self.loader.state_dict(), group=self.dims.dp_group)
-        return merge_states(states)
+        return merge_states(all_gather_objects(self.loader.state_dict(), self.dims.dp_group))
 
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
@@ -131,8 +120,7 @@ class Trainer:
                 self.engine.step()
             per_block = token_loss.detach().view(self.micro, -1, self.layout.block_len)
             block_loss += per_block.mean(dim=(0, 2)).double()
-        block_loss = _all_reduce_mean(block_loss / self.accum, self.dims.dp_group, self.dims.dp)
-        block_loss = block_loss.cpu()
+        block_loss = all_reduce_(block_loss / self.accum, self.dims.dp_group, mean=True).cpu()
         data = self._data_record(batch)
         seconds = time.perf_counter() - start
         return {**self._record(block_loss.mean().item(), lr, seconds), **data}, block_loss
@@ -142,10 +130,8 @@ class Trainer:
         from nbp_mega.data.stream import format_digest
 
         sums = torch.tensor([batch.digest_part(), self.loader.skipped_shards],
-                            dtype=torch.int64, device=self.dims.device)
-        if self.dims.dp > 1:
-            dist.all_reduce(sums, group=self.dims.dp_group)
-        digest, skipped = sums.tolist()
+                            dtype=torch.int64)
+        digest, skipped = all_reduce_(sums, self.dims.dp_group).tolist()
         return {"batch_digest": format_digest(digest), "data_skipped_shards": skipped}
 
     def _record(self, loss: float, lr: float, seconds: float) -> dict:
@@ -173,7 +159,8 @@ class Trainer:
         if self.val_index is None:
             return None
         self.engine.eval()
-        total = torch.zeros(2, dtype=torch.float64)
+        # [loss sum, targets] on the model's device: no host sync per micro batch.
+        total = torch.zeros(2, dtype=torch.float64, device=self.dims.device)
         for batch in eval_batches(self.val_index, batch_size=self.cfg.train.global_batch,
                                   dp_rank=self.dims.dp_rank, dp_size=self.dims.dp,
                                   max_batches=self.cfg.train.eval_batches,
@@ -181,11 +168,10 @@ class Trainer:
                                   vocab_size=self.cfg.model.vocab_size):
             input_ids, targets = self._to_device(batch)
             for rows in torch.split(torch.arange(input_ids.shape[0]), self.micro):
-                token_loss = self.engine(input_ids[rows], targets[rows])
-                total += torch.tensor([token_loss.double().sum().item(), token_loss.numel()],
-                                      dtype=torch.float64)
-        if self.dims.dp > 1:
-            dist.all_reduce(total, group=self.dims.dp_group)
-        val_loss = (total[0] / total[1]).item()
+                token_loss = self.engine(input_ids[rows], targets[rows])  # [m, Nt]
+                total[0] += token_loss.double().sum()
+                total[1] += token_loss.numel()
+        loss_sum, count = all_reduce_(total, self.dims.dp_group).tolist()
+        val_loss = loss_sum / count
         self.metrics.log_eval(self.step, val_loss)
         return val_loss

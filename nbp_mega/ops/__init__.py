@@ -4,14 +4,18 @@ Legend: B batch; N heads; Sq queries; Sk keys; D head dim; L block length; P pre
 
 The implementation is chosen once at import (logged), overridable by the environment variable
 NBP_ATTENTION_IMPL or, in tests, by `set_attention_impl` / `use_attention_impl`:
-    fused       the C++/CUDA kernels of nbp_mega._C (csrc/); the default when they are built.
-                Per call, where a kernel does not apply it hands over (logged once per reason):
-                  CPU: the C++ kernel takes float32/float16/bfloat16 (float64 -> block_loop);
-                  CUDA: the CUDA kernel takes float16/bfloat16 and D <= 128, when compiled;
-                        otherwise FlexAttention (torch >= 2.5), else block_loop.
+    auto        the default: per call, by the device of q (logged once per route):
+                  CPU: the C++ kernel of nbp_mega._C (float32/float16/bfloat16; float64, or
+                       no extension built -> block_loop);
+                  CUDA: FlexAttention (torch >= 2.5, else block_loop). Our CUDA kernel is not
+                       the default until its `gpu` tests have passed on a real GPU (recorded in
+                       the README) and it is measured faster there: CUDA_KERNEL_BY_DEFAULT.
+    fused       our kernels on both devices (the opt-in for the CUDA kernel). Where a kernel
+                does not apply it hands over (logged once per reason): CPU float64 ->
+                block_loop; CUDA: float16/bfloat16 and D <= 128 when compiled, otherwise
+                FlexAttention, else block_loop.
     flex        FlexAttention with a block-sparse mask (CUDA; CPU forward only, eager)
-    block_loop  exact pure PyTorch, no Sq x Sk mask (every device; the default when
-                nbp_mega._C is not built, with a warning)
+    block_loop  exact pure PyTorch, no Sq x Sk mask (every device)
     dense       dense mask + one SDPA call: the reference; O(S^2) memory (tests, benchmarks)
 `block_causal_attention_with_lse` also returns the log-sum-exp of each query's scores.
 """
@@ -55,7 +59,31 @@ def fused_block_causal_attention(q, k, v, block_len: int, prefix_len: int = 0,
     return IMPLEMENTATIONS[fallback](q, k, v, block_len, prefix_len, q_offset, scale=scale)
 
 
+# Flip only with a README record of the `gpu` tests passing on hardware (date, GPU, torch and
+# CUDA versions) and bench_attention --device cuda showing the kernel faster than FlexAttention.
+CUDA_KERNEL_BY_DEFAULT = False
+
+
+def auto_choice(device_type: str) -> str:
+    """What `auto` runs on a device: "fused" (our kernel, which hands over where it does not
+    apply) or the FlexAttention / block-loop path."""
+    if device_type == "cuda" and not CUDA_KERNEL_BY_DEFAULT:
+        return "flex" if _flex.AVAILABLE else "block_loop"
+    return "fused"
+
+
+def auto_block_causal_attention(q, k, v, block_len: int, prefix_len: int = 0,
+                                q_offset: int = 0, *, scale: float | None = None):
+    """The default route: our CPU kernel on the CPU, FlexAttention on CUDA (see the legend)."""
+    name = auto_choice(q.device.type)
+    if name != "fused":
+        _log_once(f"block-causal attention on {q.device.type}: {name} (the CUDA kernel of "
+                  "nbp_mega._C is opt-in until verified on a GPU: NBP_ATTENTION_IMPL=fused)")
+    return IMPLEMENTATIONS[name](q, k, v, block_len, prefix_len, q_offset, scale=scale)
+
+
 IMPLEMENTATIONS = {
+    "auto": auto_block_causal_attention,
     "fused": fused_block_causal_attention,
     "flex": flex_block_causal_attention,
     "block_loop": block_loop_attention,
@@ -75,11 +103,11 @@ def _select() -> str:
     name = os.environ.get("NBP_ATTENTION_IMPL", "").strip()
     if name:
         return _check_name(name)
-    if _fused.AVAILABLE:
-        return "fused"
-    log.warning("nbp_mega._C is not available (%s): block-causal attention falls back to the "
-                "pure-PyTorch block loop (build it with `make install`)", _fused.IMPORT_ERROR)
-    return "block_loop"
+    if not _fused.AVAILABLE:
+        log.warning("nbp_mega._C is not available (%s): block-causal attention on the CPU falls "
+                    "back to the pure-PyTorch block loop (build it with `make install`)",
+                    _fused.IMPORT_ERROR)
+    return "auto"
 
 
 def set_attention_impl(name: str) -> None:
@@ -135,26 +163,33 @@ def block_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
 def block_causal_attention_with_lse(q, k, v, block_len: int, prefix_len: int = 0,
                                     q_offset: int = 0, *, scale: float | None = None):
     """As block_causal_attention, plus lse [B, N, Sq] fp32: log sum_j exp(scale q.k_j) over
-    the visible keys (differentiable). Uses the fused kernel where it applies, else the dense
-    reference (O(Sq x Sk) memory) whatever the selected implementation."""
+    the visible keys (differentiable). Uses the fused kernel where it applies (on CUDA only if
+    the selection runs it there), else the dense reference (O(Sq x Sk) memory)."""
     _validate(q, k, v, block_len, prefix_len, q_offset)
-    if _fused.unsupported_reason(q) is None:
+    kernel_allowed = _current == "fused" or auto_choice(q.device.type) == "fused"
+    if kernel_allowed and _fused.unsupported_reason(q) is None:
         return _fused.fused_attention(q, k, v, block_len, prefix_len, q_offset, scale=scale)
     return dense_attention_with_lse(q, k, v, block_len, prefix_len, q_offset, scale=scale)
+
+
+def _fused_route(device_type: str) -> str:
+    gpu_fallback = "flex" if _flex.AVAILABLE else "block_loop"
+    if device_type == "cpu":
+        return "fused CPU kernel" if _fused.AVAILABLE else "block_loop"
+    return (f"fused CUDA kernel (float16/bfloat16, D <= {_fused.CUDA_MAX_HEAD_DIM}), else "
+            f"{gpu_fallback}" if _fused.CUDA_COMPILED else gpu_fallback)
 
 
 def describe() -> dict:
     """The backends compiled, the implementation selected and where calls go on each device
     (`python -m nbp_mega.ops --info`)."""
-    routes = {"cpu": _current, "cuda": _current}
-    if _current == "fused":
-        gpu_fallback = "flex" if _flex.AVAILABLE else "block_loop"
-        routes["cpu"] = "fused CPU kernel" if _fused.AVAILABLE else "block_loop"
-        routes["cuda"] = (f"fused CUDA kernel (float16/bfloat16, D <= "
-                          f"{_fused.CUDA_MAX_HEAD_DIM}), else {gpu_fallback}"
-                          if _fused.CUDA_COMPILED else gpu_fallback)
+    routes = {}
+    for device in ("cpu", "cuda"):
+        name = auto_choice(device) if _current == "auto" else _current
+        routes[device] = _fused_route(device) if name == "fused" else name
     return {"extension": _fused.build_info(), "flex_available": _flex.AVAILABLE,
-            "cuda_device": torch.cuda.is_available(), "selected": _current, "routes": routes}
+            "cuda_device": torch.cuda.is_available(), "selected": _current,
+            "cuda_kernel_by_default": CUDA_KERNEL_BY_DEFAULT, "routes": routes}
 
 
 set_attention_impl(_select())

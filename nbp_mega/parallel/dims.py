@@ -13,14 +13,19 @@ group, so TP traffic stays inside a node.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
+import shutil
 import socket
+import subprocess
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from nbp_mega.config_fields import ConfigError, option
+
+log = logging.getLogger("nbp_mega.parallel")
 
 
 @dataclass
@@ -65,6 +70,7 @@ class ParallelDims:
     tp_group: object
     dp_group: object
     device: torch.device
+    backend: str = "gloo"  # torch.distributed backend of the job
 
     @property
     def is_main(self) -> bool:
@@ -95,9 +101,7 @@ def init_parallel(cfg: ParallelConfig) -> ParallelDims:
     if world_size % cfg.tensor:
         raise ConfigError(f"parallel.tensor={cfg.tensor} must divide the number of processes "
                           f"({world_size})")
-    backend = cfg.backend
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = choose_backend(cfg.backend)
     device = torch.device("cpu")
     if backend == "nccl":
         device = torch.device("cuda", local_rank)
@@ -110,10 +114,56 @@ def init_parallel(cfg: ParallelConfig) -> ParallelDims:
                           LOCAL_RANK=str(local_rank))
         dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(minutes=cfg.timeout_minutes))
-    return _build_groups(cfg, device, local_rank)
+    return _build_groups(cfg, device, local_rank, backend)
 
 
-def _build_groups(cfg: ParallelConfig, device: torch.device, local_rank: int) -> ParallelDims:
+def choose_backend(asked: str) -> str:
+    """nccl where torch sees a GPU, else gloo; nccl asked for without a usable GPU fails."""
+    if torch.cuda.is_available():
+        return "nccl" if asked == "auto" else asked
+    if asked == "nccl":
+        gpus = gpus_torch_cannot_use()
+        raise ConfigError(f"parallel.backend=nccl, but torch {torch.__version__} (CUDA "
+                          f"{torch.version.cuda}) sees no usable GPU"
+                          + (f" although nvidia-smi lists {len(gpus)}: {_WHY_NO_GPU}"
+                             if gpus else "; use parallel.backend=gloo to train on the CPU"))
+    return "gloo"
+
+
+_WHY_NO_GPU = ("is the driver older than this torch wheel's CUDA (compare `nvidia-smi`'s "
+               "'CUDA Version' with torch.version.cuda), or are the GPUs hidden by "
+               "CUDA_VISIBLE_DEVICES?")
+
+
+def gpus_torch_cannot_use() -> list[str]:
+    """The GPUs `nvidia-smi -L` lists while torch.cuda sees none (else [])."""
+    smi = shutil.which("nvidia-smi")
+    if torch.cuda.is_available() or smi is None:
+        return []
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.startswith("GPU ")]
+
+
+def report_devices(dims: ParallelDims) -> None:
+    """Log the device and backend chosen; shout when GPUs exist that torch cannot use (the
+    job would otherwise train on the CPU without a word)."""
+    log.info("rank %d: device %s, backend %s, world %d", dims.rank, dims.device,
+             dims.backend, dims.world_size)
+    if dims.device.type != "cpu" or dims.local_rank != 0:
+        return
+    gpus = gpus_torch_cannot_use()
+    if gpus:
+        bar = "!" * 78
+        log.warning("\n%s\nTRAINING ON THE CPU: nvidia-smi lists %d GPU(s) (%s) but torch %s "
+                    "(CUDA %s) cannot use them: %s\n%s", bar, len(gpus), "; ".join(gpus),
+                    torch.__version__, torch.version.cuda, _WHY_NO_GPU, bar)
+
+
+def _build_groups(cfg: ParallelConfig, device: torch.device, local_rank: int,
+                  backend: str) -> ParallelDims:
     from megatron.core import parallel_state as ps
 
     if not ps.model_parallel_is_initialized():
@@ -127,7 +177,7 @@ def _build_groups(cfg: ParallelConfig, device: torch.device, local_rank: int) ->
         tp=ps.get_tensor_model_parallel_world_size(), dp=ps.get_data_parallel_world_size(),
         tp_rank=ps.get_tensor_model_parallel_rank(), dp_rank=ps.get_data_parallel_rank(),
         tp_group=ps.get_tensor_model_parallel_group(), dp_group=ps.get_data_parallel_group(),
-        device=device)
+        device=device, backend=backend)
 
 
 def shutdown_parallel() -> None:

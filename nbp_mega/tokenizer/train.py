@@ -29,6 +29,7 @@ import torch.distributed as dist
 import yaml
 
 from nbp_mega.config_fields import ConfigError, check, deep_merge, merge, option, parse_overrides
+from nbp_mega.parallel.collectives import all_reduce_mean_
 from nbp_mega.tokenizer.magvit2 import PRESETS, Magvit2, Magvit2Config
 
 log = logging.getLogger("nbp_mega.tokenizer")
@@ -219,14 +220,6 @@ def lr_factor(step: int, cfg: TrainSection) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _all_reduce_grads(module: torch.nn.Module, dims) -> None:
-    if dims.dp > 1:
-        for p in module.parameters():
-            if p.grad is not None:
-                dist.all_reduce(p.grad, group=dims.dp_group)
-                p.grad /= dims.dp
-
-
 def adaptive_gan_scale(rec_loss: torch.Tensor, gan_loss: torch.Tensor, recon: torch.Tensor,
                        cap: float = 1e4) -> torch.Tensor:
     """||d rec_loss / d recon|| / ||d gan_loss / d recon||, detached and at most `cap`: the
@@ -273,7 +266,8 @@ def train_step(parts: Parts, video: torch.Tensor, step: int, cfg: TrainSection, 
         parts.disc_opt.zero_grad(set_to_none=True)
         d_loss = hinge_d_loss(parts.disc(video), parts.disc(out.detach()))
         d_loss.backward()
-        _all_reduce_grads(parts.disc, dims)
+        all_reduce_mean_([p.grad for p in parts.disc.parameters() if p.grad is not None],
+                         dims.dp_group)
         parts.disc_opt.step()
         record["gan_d"] = d_loss.item()
     record["loss"], record["psnr"] = loss.item(), psnr(out.detach(), video).mean().item()
@@ -322,10 +316,16 @@ def resume(parts: Parts, cfg: TokenizerRunConfig) -> int:
 
 
 def run(cfg: TokenizerRunConfig) -> dict:
-    from nbp_mega.parallel.dims import ParallelConfig, init_parallel, shutdown_parallel
+    from nbp_mega.parallel.dims import (
+        ParallelConfig,
+        init_parallel,
+        report_devices,
+        shutdown_parallel,
+    )
     from nbp_mega.tokenizer.video import save_video_tokenizer
 
     dims = init_parallel(ParallelConfig(tensor=1, zero_stage=cfg.train.zero_stage))
+    report_devices(dims)
     if cfg.train.global_batch % dims.dp:
         raise ConfigError(f"train.global_batch={cfg.train.global_batch} is not a multiple of "
                           f"the {dims.dp} data-parallel ranks")

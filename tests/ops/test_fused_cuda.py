@@ -10,6 +10,8 @@ thread-block programs on the CPU, in fp32, where there is no GPU.
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -178,3 +180,12 @@ def test_op_input_errors():
         op(q, k.cpu(), v, 2, 0, 0, 1.0)
     with pytest.raises(ValueError, match="beyond the 8 keys"):
         op(q, k, v, 2, 0, 1, 1.0)
+
+
+def test_auto_runs_flexattention_on_cuda_until_the_kernel_is_verified(caplog):
+    q, k, v = (t.detach().to("cuda", torch.bfloat16) for t in qkv(97))
+    with caplog.at_level(logging.INFO, logger="nbp_mega.ops"), use_attention_impl("auto"):
+        out = block_causal_attention(q, k, v, 16, 3)
+    assert "on cuda: flex" in caplog.text
+    torch.testing.assert_close(out, dense_block_causal_attention(q, k, v, 16, 3), atol=2e-2,
+                               rtol=2e-2)
