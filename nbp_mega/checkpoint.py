@@ -12,12 +12,15 @@ Assumes <run_dir> is on a file system all ranks share (as usual on clusters).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import random
 import re
 import shutil
+import time
+import traceback
 
 import numpy as np
 import torch
@@ -100,20 +103,40 @@ class Checkpointer:
         log.info("saved checkpoint %s", os.path.join(self.dir, name))
         return name
 
-    def make_universal(self, name: str, convert) -> None:
+    def make_universal(self, name: str, convert, *, poll_seconds: float = 5.0,
+                       report_every: float = 60.0) -> None:
         """Give checkpoint `name` a universal copy (name/universal) that loads on any dp.
 
-        Rank 0 converts once (`convert(src, dst)`), into a partial folder renamed when done.
+        Rank 0 converts once (`convert(src, dst)`, into a partial folder renamed when done).
+        The others wait on the file system, not in a collective: a 3B ZeRO-3 checkpoint takes
+        longer than the collective timeout. They log progress and fail with rank 0's error.
         """
         final = os.path.join(self.dir, name, UNIVERSAL)
-        if self.rank == 0 and not os.path.isdir(final):
-            partial = f"{final}.partial"
+        partial, failed = f"{final}.partial", f"{final}.failed"
+        todo = not os.path.isdir(final)
+        if self.rank == 0 and todo:  # leftovers of an attempt that crashed, before anyone looks
             shutil.rmtree(partial, ignore_errors=True)
-            log.info("converting %s to a universal checkpoint for another data-parallel size",
-                     os.path.join(self.dir, name))
-            convert(os.path.join(self.dir, name), partial)
-            os.rename(partial, final)
+            if os.path.exists(failed):
+                os.remove(failed)
         dist.barrier()
+        if self.rank == 0:
+            if todo:
+                self._convert(os.path.join(self.dir, name), partial, final, failed, convert)
+        else:
+            _wait_for_conversion(final, partial, failed, poll_seconds, report_every)
+        dist.barrier()  # all ranks are past the wait: quick
+
+    def _convert(self, src: str, partial: str, final: str, failed: str, convert) -> None:
+        log.info("converting %s to a universal checkpoint for another data-parallel size",
+                 src)
+        start = time.monotonic()
+        try:
+            convert(src, partial)
+        except BaseException:
+            _write_atomic(failed, traceback.format_exc())  # the waiting ranks stop with it
+            raise
+        os.rename(partial, final)
+        log.info("universal checkpoint %s written in %.0f s", final, time.monotonic() - start)
 
     def load(self, engine, name: str, *, universal: bool = False) -> dict:
         """Restore engine and RNG from checkpoint `name`; return the trainer state."""
@@ -140,3 +163,32 @@ class Checkpointer:
         names = sorted(n for n in os.listdir(self.dir) if _NAME.match(n))
         for old in names[: max(len(names) - self.keep_last, 0)]:
             shutil.rmtree(os.path.join(self.dir, old))
+
+
+def _folder_size(path: str) -> tuple[int, int]:
+    """(files, bytes) below `path` so far."""
+    files = size = 0
+    for root, _, names in os.walk(path):
+        for n in names:
+            files += 1
+            with contextlib.suppress(FileNotFoundError):  # moved by the converter meanwhile
+                size += os.path.getsize(os.path.join(root, n))
+    return files, size
+
+
+def _wait_for_conversion(final: str, partial: str, failed: str, poll_seconds: float,
+                         report_every: float) -> None:
+    """Poll until rank 0 has renamed `partial` to `final`, or raise its recorded failure."""
+    start = last_report = time.monotonic()
+    while not os.path.isdir(final):
+        if os.path.exists(failed):
+            with open(failed) as f:
+                raise RuntimeError(f"rank 0 failed to convert the checkpoint to {final}:\n"
+                                   f"{f.read()}")
+        if time.monotonic() - last_report >= report_every:
+            files, size = _folder_size(partial)
+            log.warning("waiting for rank 0's universal conversion (%.0f min so far: %d files, "
+                        "%.2f GB written in %s)", (time.monotonic() - start) / 60, files,
+                        size / 1e9, partial)
+            last_report = time.monotonic()
+        time.sleep(poll_seconds)

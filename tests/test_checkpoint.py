@@ -88,3 +88,53 @@ def test_metrics_truncated_to_resumed_step(tmp_path):
     truncate_jsonl(str(path), 2)
     train, evals = read_metrics(str(path))
     assert [r["step"] for r in train] == [1, 2] and evals == [{"step": 2, "val_loss": 2.5}]
+
+
+def _slow_convert(src, dst, seconds, fail):
+    import time
+
+    time.sleep(seconds)
+    if fail:
+        raise ValueError("shard 3 is truncated")
+    os.makedirs(dst)
+    with open(os.path.join(dst, "converted"), "w") as f:
+        f.write(src)
+
+
+def _universal_worker(run_dir, seconds, fail):
+    import datetime
+    import functools
+
+    import torch.distributed as dist
+
+    # A collective timeout far shorter than the conversion: waiting in a barrier would fail.
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=2))
+    ckpt = Checkpointer(run_dir, keep_last=2, rank=dist.get_rank())
+    os.makedirs(os.path.join(ckpt.dir, "step_00000003"), exist_ok=True)
+    convert = functools.partial(_slow_convert, seconds=seconds, fail=fail)
+    try:
+        ckpt.make_universal("step_00000003", convert, poll_seconds=0.2, report_every=1.0)
+        with open(os.path.join(ckpt.dir, "step_00000003", "universal", "converted")) as f:
+            return f.read()
+    except Exception as error:  # noqa: BLE001 - the test compares what each rank saw
+        return f"{type(error).__name__}: {error}"
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_universal_conversion_outlasts_the_collective_timeout(tmp_path):
+    from tests.spawn import run_distributed
+
+    src = os.path.join(str(tmp_path), "checkpoints", "step_00000003")
+    assert run_distributed(_universal_worker, 2, (str(tmp_path), 5.0, False)) == [src, src]
+    assert not os.path.exists(os.path.join(src, "universal.partial"))
+
+
+@pytest.mark.distributed
+def test_universal_conversion_failure_reaches_every_rank(tmp_path):
+    from tests.spawn import run_distributed
+
+    rank0, rank1 = run_distributed(_universal_worker, 2, (str(tmp_path), 0.5, True))
+    assert rank0 == "ValueError: shard 3 is truncated"
+    assert rank1.startswith("RuntimeError: rank 0 failed to convert") and "truncated" in rank1

@@ -109,15 +109,31 @@ def needs_universal_checkpoint(cfg) -> bool:
 
 
 def convert_to_universal(checkpoint_dir: str, out_dir: str) -> None:
-    """DeepSpeed's universal checkpoint of `checkpoint_dir` (loadable on any dp) in out_dir."""
-    import argparse
+    """DeepSpeed's universal checkpoint of `checkpoint_dir` (loadable on any dp) in out_dir.
 
-    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+    Runs DeepSpeed's converter in a fresh process: its worker pool forks, which is unsafe in
+    a rank that holds NCCL/gloo threads and a CUDA context, and its memory is returned when it
+    ends. Its progress bars go to this rank's stderr.
+    """
+    import subprocess
+    import sys
 
-    args = argparse.Namespace(input_folder=checkpoint_dir, output_folder=out_dir,
-                              num_extract_workers=1, num_merge_workers=1,
-                              keep_temp_folder=False, strict=True, inject_missing_state=True)
-    ds_to_universal(args)
+    extract = max(1, min(8, os.cpu_count() or 1))  # one optimizer shard in memory each
+    merge = max(1, extract // 4)  # a whole parameter each: DeepSpeed advises far fewer
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+           "--input_folder", checkpoint_dir, "--output_folder", out_dir,
+           "--num_extract_workers", str(extract), "--num_merge_workers", str(merge),
+           "--inject_missing_state"]
+    job = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+           "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in job}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # CPU work; no GPU memory taken from the job
+    log.info("universal conversion: %s (%d extract, %d merge workers)", " ".join(cmd),
+             extract, merge)
+    code = subprocess.run(cmd, env=env).returncode
+    if code:
+        raise RuntimeError(f"DeepSpeed's universal conversion of {checkpoint_dir} failed with "
+                           f"exit code {code} (its output is above in rank 0's log)")
 
 
 def load_universal_checkpoint(engine, path: str) -> str | None:

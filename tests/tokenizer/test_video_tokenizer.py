@@ -22,17 +22,16 @@ from nbp_mega.tokenizer import (
 )
 from nbp_mega.tokenizer.magvit2 import GroupNorm3D, Magvit2Config, ResidualUnit
 
-REFERENCE = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "reference",
-                         "nbp_magvit2_state_dict.tsv")
+# The published tokenizer's state-dict table, shipped with the tests (a copy of the project's
+# shared/reference/nbp_magvit2_state_dict.tsv, which is compared with it where present).
+REFERENCE = os.path.join(os.path.dirname(__file__), "data", "nbp_magvit2_state_dict.tsv")
+SHARED_REFERENCE = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared",
+                                "reference", "nbp_magvit2_state_dict.tsv")
 
 
 def reference_table() -> dict[str, tuple[int, ...]]:
-    path = REFERENCE if os.path.exists(REFERENCE) else "/work/shared/reference/" \
-        "nbp_magvit2_state_dict.tsv"
-    if not os.path.exists(path):
-        pytest.skip("shared/reference/nbp_magvit2_state_dict.tsv is not on this machine")
     table = {}
-    with open(path) as f:
+    with open(REFERENCE) as f:
         for line in f:
             if not line.startswith("#") and line.strip():
                 key, shape, _ = line.rstrip("\n").split("\t")
@@ -71,6 +70,12 @@ def test_fsq_published_arithmetic():
     assert (z.grad != 0).all()
     with pytest.raises(ValueError, match=r"\[0, 40\)"):
         fsq.indices_to_codes(torch.tensor([[[[40]]]]))
+
+
+@pytest.mark.skipif(not os.path.exists(SHARED_REFERENCE), reason="no shared/ beside the clone")
+def test_shipped_reference_table_is_the_shared_one():
+    with open(REFERENCE) as shipped, open(SHARED_REFERENCE) as shared:
+        assert shipped.read() == shared.read()
 
 
 def test_published_layout_matches_reference_table():
