@@ -43,7 +43,7 @@ def overrides(shards, run_dir, *extra) -> list[str]:
 JOB_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-def run(cmd: list[str], cwd, **env) -> None:
+def run(cmd: list[str], cwd, **env) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if k not in JOB_VARS}
     full_env.update({"OMP_NUM_THREADS": "1", "PYTHON": sys.executable, **env})
     proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True,
@@ -51,10 +51,25 @@ def run(cmd: list[str], cwd, **env) -> None:
     if proc.returncode:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
 
 
 def train_records(run_dir) -> list[dict]:
     return read_metrics(os.path.join(run_dir, "metrics.jsonl"))[0]
+
+
+def metrics_lines(run_dir) -> list[str]:
+    return (run_dir / "metrics.jsonl").read_text().splitlines()
+
+
+def assert_resumed(before: list[str], after: list[str], proc, run_dir, step: int) -> None:
+    """The restart loaded checkpoint `step` rather than starting over: the rows up to it are
+    untouched, timings included (a rerun from scratch recomputes the same losses but never
+    the same step_seconds), and the log names the checkpoint."""
+    assert after[:len(before)] == before
+    assert json.loads(after[len(before)])["step"] == step + 1
+    checkpoint = run_dir / "checkpoints" / f"step_{step:08d}"
+    assert f"resumed from {checkpoint} (step {step})" in proc.stderr
 
 
 # The DeepSpeed launcher checks a hostfile's hosts over ssh and asks the first one for its
@@ -131,7 +146,10 @@ def test_resume_continues_exactly(shards, tmp_path):
     run([*launch, *overrides(shards, resumed, *common, "train.stop_at=3")], cwd=tmp_path,
         NPROC_PER_NODE="2")
     assert [r["step"] for r in train_records(resumed)] == [1, 2, 3]
-    run([*launch, *overrides(shards, resumed, *common)], cwd=tmp_path, NPROC_PER_NODE="2")
+    before = metrics_lines(resumed)
+    proc = run([*launch, *overrides(shards, resumed, *common)], cwd=tmp_path,
+               NPROC_PER_NODE="2")
+    assert_resumed(before, metrics_lines(resumed), proc, resumed, 3)
     a, b = train_records(full), train_records(resumed)
     assert [r["step"] for r in b] == list(range(1, 7))
     for ra, rb in zip(a, b, strict=True):
@@ -151,8 +169,10 @@ def test_resume_on_another_data_parallel_size(shards, tmp_path):
     run([*launch, *overrides(shards, full)], cwd=tmp_path, NPROC_PER_NODE="2")
     run([*launch, *overrides(shards, resumed, "train.stop_at=3")], cwd=tmp_path,
         NPROC_PER_NODE="2")
-    run([sys.executable, "-m", "nbp_mega.train", f"{ROOT}/configs/tiny.yaml",
-         *overrides(shards, resumed)], cwd=tmp_path)
+    before = metrics_lines(resumed)
+    proc = run([sys.executable, "-m", "nbp_mega.train", f"{ROOT}/configs/tiny.yaml",
+                *overrides(shards, resumed)], cwd=tmp_path)
+    assert_resumed(before, metrics_lines(resumed), proc, resumed, 3)
     a, b = train_records(full), train_records(resumed)
     assert [r["step"] for r in b] == list(range(1, 7))
     assert [r["batch_digest"] for r in a] == [r["batch_digest"] for r in b]

@@ -7,9 +7,11 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from nbp_mega.tokenizer.train import load_run_config, run
+from nbp_mega.train import setup_logging
 
 
 def main(argv=None) -> int:
@@ -19,6 +21,7 @@ def main(argv=None) -> int:
         print(__doc__)
         return 0 if argv else 1
     config, overrides = (argv[0], argv[1:]) if "=" not in argv[0] else (None, argv)
+    setup_logging(int(os.environ.get("RANK", "0")))  # rank 0 says what it resumed from
     record = run(load_run_config(config, overrides))
     print(json.dumps(record))
     return 0

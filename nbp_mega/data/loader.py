@@ -3,7 +3,8 @@
 Legend: N samples in an index; G global batch (clips per optimizer step, all ranks);
 b = G / dp local batch of one data-parallel rank; T, H, W latent grid.
 
-Training streams shards (stream.py: a global order independent of dp, resumable on any dp);
+Training streams shards (stream.py: a global order independent of dp, resumable on any dp
+dividing G);
 validation reads a ShardIndex by random access in index order, split over ranks like training.
 """
 
@@ -45,9 +46,11 @@ class DataConfig:
     shuffle: bool = option(True, "shuffle shards each epoch and samples in a buffer (seeded by "
                            "the run seed)")
     shuffle_buffer: int = option(1024, "samples each stream shuffles together", min=1)
-    streams: int = option(0, "virtual data streams V, fixed for a run: global_batch % V == 0, "
-                          "V % dp == 0, V <= shards; any dp dividing V can resume the run "
-                          "(0 = the largest such V <= 64 at the start)", min=0)
+    streams: int = option(0, "virtual data streams V, fixed for a run (a resume keeps the "
+                          "checkpoint's): global_batch % V == 0 and V <= shards. Every dp "
+                          "dividing global_batch gets the same batches; if dp does not divide "
+                          "V, ranks sharing a stream each read all of it (more reading; "
+                          "warned). 0 = the largest such V <= 64, whatever dp is", min=0)
 
 
 def local_batch_size(global_batch: int, dp_rank: int, dp_size: int,
@@ -136,7 +139,9 @@ def build_loaders(cfg: DataConfig, *, seed: int, global_batch: int, dp_rank: int
                   grid: tuple[int, int, int], vocab_size: int, saved_streams: int = 0):
     """(training StreamLoader, validation ShardIndex or None) from the data config.
 
-    `saved_streams`: V of the checkpoint being resumed (0 = a fresh run).
+    `saved_streams`: V of the checkpoint being resumed (0 = a fresh run: V from the global batch
+    and the shard count, never from dp, so every dp dividing the global batch sees the same
+    batches, on a fresh run as on a resume).
     """
     if not cfg.shards:
         raise ConfigError("data.shards is empty: give a directory, glob or brace pattern of "
@@ -148,7 +153,7 @@ def build_loaders(cfg: DataConfig, *, seed: int, global_batch: int, dp_rank: int
                           f"{saved_streams})")
     local_batch_size(global_batch, dp_rank, dp_size)
     streams = choose_num_streams(saved_streams or cfg.streams, num_shards=len(paths),
-                                 global_batch=global_batch, dp=dp_size)
+                                 global_batch=global_batch)
     spec = StreamSpec(paths=tuple(paths), names=tuple(shard_names(paths)), seed=seed,
                       shuffle=cfg.shuffle, num_streams=streams,
                       per_stream=global_batch // streams,

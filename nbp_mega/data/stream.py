@@ -3,21 +3,27 @@
 Legend: G global batch; V virtual streams; dp data-parallel size; b = G / dp local batch;
 k = G / V samples each stream gives to every global batch; W DataLoader workers of a rank.
 
-Why virtual streams: the order of the global batches must depend only on the seed and the
-shard list (and V, fixed when a run starts), never on dp or W, and a checkpoint must resume
-exactly on another dp. So the data is cut into V streams that do not know about ranks:
+Why virtual streams: the order of the global batches must depend only on the seed, the shard
+list and V (chosen from G and the shard count alone, fixed when a run starts), never on dp or
+W, and a checkpoint must resume exactly on another dp. So the data is cut into V streams that
+do not know about ranks:
   - epoch e of stream s reads, in order, the shards at positions s, s+V, s+2V, ... of the
     epoch's seeded shard permutation (each shard streamed sequentially by webdataset);
   - a stream fills a buffer with its next `buffer` samples, permutes it with a generator seeded
     by (seed, s, fill number) and emits it: a seeded shuffle buffer whose state is 4 numbers;
   - global batch g holds k samples of every stream, stream-major: stream s fills positions
-    [s*k, (s+1)*k). Rank r of dp owns streams [r*V/dp, (r+1)*V/dp), i.e. the contiguous slice
-    [r*b, (r+1)*b); its workers split its streams. Any dp dividing V gives the same batches.
+    [s*k, (s+1)*k). Rank r of dp owns the positions [r*b, (r+1)*b): it reads every stream
+    that overlaps them and keeps the overlapping samples; its workers split those streams.
+Any dp dividing G gives the same batches. When dp divides V each stream lies inside one rank;
+otherwise a stream crossing a rank boundary is read by every rank it overlaps, in step (each
+takes all k of its samples per batch), which multiplies the job's reading (a warning says by
+how much and how to avoid it). The rank holding a stream's first position s*k owns it: it
+counts and logs the stream's broken shards, and its position wins in `merge_states`.
 A stream's position (epoch, shard, samples into the shard where its buffer began, fill number,
 samples emitted from the buffer) is enough to rebuild it: a checkpoint stores all V positions.
 
 A shard that is missing or corrupt is skipped from where it broke (earlier samples are kept),
-counted and logged; since a stream lives on one rank, no other rank waits for it.
+counted and logged; only the ranks reading its stream read it, so no other rank waits.
 """
 
 from __future__ import annotations
@@ -84,10 +90,14 @@ class Item:
 
 
 class Stream:
-    """One virtual stream: an endless, restorable sequence of checked samples."""
+    """One virtual stream: an endless, restorable sequence of checked samples.
 
-    def __init__(self, spec: StreamSpec, stream: int, position: dict):
-        self.spec, self.stream = spec, stream
+    `report`: log broken shards as warnings (the stream's owner does; a rank sharing the
+    stream meets the same shards and logs them only at debug level).
+    """
+
+    def __init__(self, spec: StreamSpec, stream: int, position: dict, report: bool = True):
+        self.spec, self.stream, self.report = spec, stream, report
         self.pos = dict(position)
         # Shards found broken while filling the saved buffer are met (and counted) again.
         self.pos["skipped_shards"] = self.pos.pop("skipped_before_fill", 0)
@@ -173,8 +183,9 @@ class Stream:
             raise  # a sample that does not fit the model: the config or the data is wrong
         except Exception as e:  # unreadable/truncated tar, missing file, bad member
             self.pos["skipped_shards"] += 1
-            log.warning("data: skipping shard %s after %d samples (%s: %s)", path, n,
-                        type(e).__name__, e)
+            log.log(logging.WARNING if self.report else logging.DEBUG,
+                    "data: skipping shard %s after %d samples (%s: %s)", path, n,
+                    type(e).__name__, e)
 
     def _item(self, sample: dict, shard_name: str) -> Item:
         key = f"{shard_name}/{sample['__key__']}"
@@ -189,23 +200,43 @@ class Stream:
         return Item(tokens, label, key)
 
 
-def rank_streams(num_streams: int, dp_rank: int, dp_size: int) -> list[int]:
-    per_rank = num_streams // dp_size
-    return list(range(dp_rank * per_rank, (dp_rank + 1) * per_rank))
+def rank_slices(num_streams: int, per_stream: int, dp_rank: int,
+                dp_size: int) -> dict[int, tuple[int, int]]:
+    """{stream: (first, end)}: the streams overlapping rank r's positions [r*b, (r+1)*b) of
+    every global batch, each with the offsets [first, end) of its k samples that fall there."""
+    k, b = per_stream, num_streams * per_stream // dp_size
+    start, end = dp_rank * b, (dp_rank + 1) * b
+    return {s: (max(start - s * k, 0), min(end - s * k, k))
+            for s in range(start // k, -(-end // k))}
+
+
+def stream_owner(stream: int, per_stream: int, local_batch: int) -> int:
+    """The rank holding the stream's first position s*k: it counts the stream's broken shards."""
+    return stream * per_stream // local_batch
+
+
+def read_amplification(num_streams: int, per_stream: int, dp_size: int) -> float:
+    """Samples the job reads per sample it trains on: 1 when dp divides V, more when ranks
+    share streams (each rank reading a stream reads all of it)."""
+    reads = sum(len(rank_slices(num_streams, per_stream, r, dp_size)) for r in range(dp_size))
+    return reads / num_streams
 
 
 class _RankChunks(IterableDataset):
-    """Per global batch, one chunk per worker: {stream: (items, position after)}."""
+    """Per global batch, one chunk per worker: {stream: (this rank's items, position after)}."""
 
-    def __init__(self, spec: StreamSpec, streams: list[int], positions: dict[int, dict]):
-        self.spec, self.streams, self.positions = spec, streams, positions
+    def __init__(self, spec: StreamSpec, slices: dict[int, tuple[int, int]],
+                 positions: dict[int, dict], owned: set[int]):
+        self.spec, self.slices, self.positions, self.owned = spec, slices, positions, owned
 
     def __iter__(self):
         info = get_worker_info()
-        mine = self.streams[info.id::info.num_workers] if info else self.streams
-        streams = [Stream(self.spec, s, self.positions[s]) for s in mine]
-        while True:
-            yield {s.stream: (s.take(self.spec.per_stream), s.position()) for s in streams}
+        streams = list(self.slices)
+        mine = streams[info.id::info.num_workers] if info else streams
+        streams = [Stream(self.spec, s, self.positions[s], report=s in self.owned) for s in mine]
+        while True:  # every reader of a stream takes all k of its samples: they stay in step
+            yield {s.stream: (s.take(self.spec.per_stream)[slice(*self.slices[s.stream])],
+                              s.position()) for s in streams}
 
 
 def _identity(chunk):
@@ -224,33 +255,33 @@ def stop_workers(batches) -> None:
         stop()
 
 
-def choose_num_streams(requested: int, *, num_shards: int, global_batch: int, dp: int) -> int:
-    """V: as asked (checked), or for 0 the largest V <= min(shards, 64) fitting G and dp.
+# The default V is capped: a rank holds a shuffle buffer (data.shuffle_buffer samples) and an
+# open shard per stream it reads, and fills every buffer before its first batch, so at dp=1
+# memory and start-up grow with V. 64 x 1024 samples of a [5, 16, 16] grid is ~0.7 GB.
+MAX_DEFAULT_STREAMS = 64
 
-    V is fixed for a run (it is saved with the data position); any later dp must divide it.
+
+def choose_num_streams(requested: int, *, num_shards: int, global_batch: int) -> int:
+    """V: as asked (checked), or for 0 the largest divisor of G that is at most the number of
+    shards and MAX_DEFAULT_STREAMS. Never depends on dp: the batches must not either.
+
+    V is fixed for a run (it is saved with the data position); any dp dividing G can run it.
     """
-    def problems(v: int) -> list[str]:
-        out = []
-        if global_batch % v:
-            out.append(f"train.global_batch={global_batch} is not a multiple of it")
-        if v % dp:
-            out.append(f"it is not a multiple of the data-parallel size {dp}")
-        if v > num_shards:
-            out.append(f"there are only {num_shards} shards (each stream needs one per epoch)")
-        return out
-
-    if requested:
-        bad = problems(requested)
-        if bad:
-            raise ConfigError(f"data.streams={requested} does not work: {'; '.join(bad)}")
-        return requested
-    fits = [v for v in range(1, min(num_shards, 64) + 1) if not problems(v)]
-    if not fits:
-        raise ConfigError(f"no number of data streams fits {num_shards} shards, "
-                          f"train.global_batch={global_batch} and data-parallel size {dp}: "
-                          f"need V <= shards with global_batch % V == 0 and V % dp == 0; "
-                          f"write more (smaller) shards or change the batch")
-    return fits[-1]
+    if not requested:
+        cap = min(num_shards, MAX_DEFAULT_STREAMS)
+        return max(v for v in range(1, cap + 1) if global_batch % v == 0)
+    bad = []
+    if global_batch % requested:
+        bad.append(f"train.global_batch={global_batch} is not a multiple of it")
+    if requested > num_shards:
+        bad.append(f"there are only {num_shards} shards (each stream needs one per epoch)")
+    if bad:
+        fits = [v for v in range(1, min(num_shards, global_batch) + 1) if global_batch % v == 0]
+        raise ConfigError(f"data.streams={requested} does not work: {'; '.join(bad)}. Use a "
+                          f"divisor of the global batch that is at most the shard count "
+                          f"({', '.join(map(str, fits))}), or 0 for the default, or write more "
+                          f"(smaller) shards")
+    return requested
 
 
 def sample_hash(position: int, key: str) -> int:
@@ -284,24 +315,32 @@ class StreamLoader:
 
     def __init__(self, spec: StreamSpec, *, global_batch: int, dp_rank: int, dp_size: int,
                  num_workers: int = 0):
-        if spec.num_streams * spec.per_stream != global_batch or spec.num_streams % dp_size:
+        if (spec.num_streams * spec.per_stream != global_batch or global_batch % dp_size
+                or not 0 <= dp_rank < dp_size):
             raise ConfigError(f"{spec.num_streams} streams x {spec.per_stream} samples do not "
-                              f"make global batches of {global_batch} split over {dp_size} ranks")
+                              f"make global batches of {global_batch} split over {dp_size} ranks "
+                              f"(for rank {dp_rank})")
         self.spec, self.global_batch = spec, global_batch
         self.dp_rank, self.dp_size, self.num_workers = dp_rank, dp_size, num_workers
-        self.streams = rank_streams(spec.num_streams, dp_rank, dp_size)
+        self.slices = rank_slices(spec.num_streams, spec.per_stream, dp_rank, dp_size)
+        self.streams = list(self.slices)  # read by this rank (some maybe shared)
+        self.owned = {s for s in self.streams  # counted by this rank
+                      if stream_owner(s, spec.per_stream, self.local_batch) == dp_rank}
         self.positions = {s: initial_position() for s in self.streams}
         self.batches = 0  # global batches handed out
         self._chunks = None
+        if spec.num_streams % dp_size and dp_rank == 0:
+            self._warn_shared_streams()
 
     @property
     def local_batch(self) -> int:
-        return len(self.streams) * self.spec.per_stream
+        return self.global_batch // self.dp_size
 
     @property
     def skipped_shards(self) -> int:
-        """Broken shards this rank's streams met so far (also across restarts)."""
-        return sum(p["skipped_shards"] for p in self.positions.values())
+        """Broken shards met so far (also across restarts) by the streams this rank owns: the
+        sum over ranks counts each stream once."""
+        return sum(self.positions[s]["skipped_shards"] for s in self.owned)
 
     def next_batch(self) -> Batch:
         if self._chunks is None:
@@ -320,8 +359,8 @@ class StreamLoader:
         self.batches += 1
         return Batch(tokens=torch.from_numpy(np.stack([it.tokens for it in items])),
                      labels=torch.tensor([it.label for it in items], dtype=torch.long),
-                     keys=[it.key for it in items], first_position=self.streams[0] *
-                     self.spec.per_stream)
+                     keys=[it.key for it in items],
+                     first_position=self.dp_rank * self.local_batch)
 
     def close(self) -> None:
         """Stop the worker processes (the next `next_batch` starts new ones)."""
@@ -332,13 +371,24 @@ class StreamLoader:
         return min(self.num_workers, len(self.streams)) or 1
 
     def _data_loader(self) -> DataLoader:
-        dataset = _RankChunks(self.spec, self.streams, self.positions)
+        dataset = _RankChunks(self.spec, self.slices, self.positions, self.owned)
         workers = min(self.num_workers, len(self.streams))
         # A private generator: starting workers must not draw from the global torch RNG (the
         # dropout stream), or resuming would not be exact.
         return DataLoader(dataset, batch_size=None, num_workers=workers,
                           collate_fn=_identity, prefetch_factor=2 if workers else None,
                           generator=torch.Generator().manual_seed(0))
+
+    def _warn_shared_streams(self) -> None:
+        v, k, dp, g = self.spec.num_streams, self.spec.per_stream, self.dp_size, self.global_batch
+        better = min(m for m in range(dp, g + 1, dp) if m >= v and g % m == 0)
+        log.warning("data: %d data streams do not split over %d data-parallel ranks: streams "
+                    "crossing a rank boundary are read by every rank they overlap, so the job "
+                    "reads %.2fx the samples it trains on (the batches are unchanged). To "
+                    "avoid it, start runs with data.streams a multiple of the data-parallel "
+                    "size that divides train.global_batch=%d, e.g. %d (needs as many shards; "
+                    "there are %d); a resumed run keeps its checkpoint's streams", v, dp,
+                    read_amplification(v, k, dp), g, better, len(self.spec.paths))
 
     # -- position ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -362,11 +412,21 @@ class StreamLoader:
 
 
 def merge_states(states: list[dict]) -> dict:
-    """One position for all streams from every data-parallel rank's state_dict()."""
+    """One position for all streams from every data-parallel rank's state_dict(), in rank order.
+
+    Ranks sharing a stream read it in step, so their positions agree. If they do not (the
+    ranks read different bytes of a shard: a copy that differs between nodes?), the first
+    rank's, the stream's owner, is kept and the difference logged.
+    """
     merged = dict(states[0])
     merged["streams"] = {}
-    for state in states:
-        merged["streams"].update(state["streams"])
+    for rank, state in enumerate(states):
+        for s, pos in state["streams"].items():
+            kept = merged["streams"].setdefault(s, pos)
+            if kept != pos:
+                log.warning("data: stream %s is at %s on data-parallel rank %d but at %s on "
+                            "an earlier rank sharing it (did they read different copies of a "
+                            "shard?); saving the earlier rank's position", s, pos, rank, kept)
     return merged
 
 

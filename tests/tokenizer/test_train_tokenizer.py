@@ -28,19 +28,25 @@ def train(run_dir, videos, *extra):
         env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+        lines = f.read().splitlines()
+    return [json.loads(line) for line in lines], lines, proc.stderr
 
 
 def test_train_resume_export_and_evaluate(tmp_path):
     videos = tmp_path / "videos"
     write_synthetic_videos(str(videos), count=3, frames=12, size=24)
-    full = train(tmp_path / "full", videos)
+    full, _, _ = train(tmp_path / "full", videos)
     assert [r["step"] for r in full] == [1, 2, 3, 4]
     assert "gan_d" in full[2] and "gan_d" not in full[1]  # the GAN starts at train.gan_start
     assert full[2]["gan_scale"] > 0  # the adaptive weight (train.gan_adaptive, on by default)
-    train(tmp_path / "resumed", videos, "train.stop_at=2")
-    resumed = train(tmp_path / "resumed", videos)
+    _, before, _ = train(tmp_path / "resumed", videos, "train.stop_at=2")
+    resumed, after, log = train(tmp_path / "resumed", videos)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    # It resumed rather than started over: rows 1-2 untouched, timings included (a rerun
+    # recomputes the same losses, never the same step_seconds), and the log names the step.
+    assert after[:2] == before and len(before) == 2
+    checkpoint = tmp_path / "resumed" / "checkpoints" / "step_00000002"
+    assert f"resumed from {checkpoint}" in log
     for a, b in zip(full, resumed, strict=True):
         for key in ("loss", "l1", "psnr"):
             assert a[key] == b[key], (a["step"], key)
