@@ -32,19 +32,55 @@ class LogConfig:
     profile_start: int = option(3, "first profiled step (after warm-up)", min=1)
 
 
+def _timed_matmul_tflops(a: torch.Tensor, b: torch.Tensor, seconds: float) -> float:
+    """TFLOP/s of a [M, K] @ b [K, N], repeated for about `seconds` (at least once); the caller
+    has warmed it up."""
+    sync = torch.cuda.synchronize if a.is_cuda else (lambda: None)
+    sync()
+    iters, start = 0, time.perf_counter()
+    while iters == 0 or time.perf_counter() - start < seconds:
+        a @ b
+        iters += 1
+    sync()  # CUDA: the loop only queued the products; count them once they have all run
+    (m, k), n = a.shape, b.shape[1]
+    return 2 * m * k * n * iters / (time.perf_counter() - start) / 1e12
+
+
 def measure_matmul_tflops(device: torch.device, dtype=torch.float32, n: int = 1024,
                           seconds: float = 0.5) -> float:
-    """Achieved TFLOP/s of square matmuls: the practical peak of this device."""
+    """Achieved TFLOP/s of square n x n matmuls for `seconds`: a quick practical peak of this
+    device (matmul_peak below takes the best of several shapes and repeats)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b  # warm-up
-    iters, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        iters += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return 2 * n**3 * iters / (time.perf_counter() - start) / 1e12
+    return _timed_matmul_tflops(a, b, seconds)
+
+
+SQUARE_GEMMS = ((1024, 1024, 1024), (2048, 2048, 2048), (4096, 4096, 4096))
+
+
+def matmul_peak(device: torch.device, shapes=SQUARE_GEMMS, *, dtype=torch.float32,
+                repeats: int = 3, seconds: float = 0.25) -> dict:
+    """The best TFLOP/s over GEMM shapes [(M, K, N), ...], each timed `repeats` times, the
+    shapes in turn within each repeat (slow drift of a shared machine hits all alike; other
+    load can only slow a measurement down, so the best one is the estimate of the peak).
+
+    -> {"tflops": best, "shape": [M, K, N] of the best, "measurements": [{"m", "k", "n",
+        "tflops": [one per repeat]}, ...]}
+    """
+    operands = {}
+    for m, k, n in shapes:
+        a, b = (torch.randn(*s, device=device, dtype=dtype) for s in ((m, k), (k, n)))
+        a @ b  # warm-up
+        operands[m, k, n] = a, b
+    rates = {shape: [] for shape in operands}
+    for _ in range(repeats):
+        for shape, (a, b) in operands.items():
+            rates[shape].append(_timed_matmul_tflops(a, b, seconds))
+    best = max(rates, key=lambda shape: max(rates[shape]))
+    return {"tflops": max(rates[best]), "shape": list(best),
+            "measurements": [{"m": m, "k": k, "n": n, "tflops": [float(f"{x:.4g}") for x in r]}
+                             for (m, k, n), r in rates.items()]}
 
 
 def peak_memory_gb(device: torch.device) -> float:

@@ -1,8 +1,11 @@
 """The benchmark tools' arithmetic: what they report must follow from what they measured.
 
-tools/bench_attention.py runs end to end on its tiny shape; tools/bench_train.py's summary
-(median step time including the data wait) and MFU/targets are checked on made-up runs (the
-real runs take minutes: `python tools/bench_train.py --json`).
+tools/bench_attention.py runs end to end on its tiny shape (CPU), also with a crashing, a wrong
+and a missing implementation standing in; its targets are checked on made-up rows.
+tools/bench_train.py's summary (median step time including the data wait, quartiles), its
+ABBA turns, its load record and MFU/targets are checked on made-up inputs, and its pausing of
+live runs on two fake trainers (the real runs take minutes: `python tools/bench_train.py
+--json`).
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ import pathlib
 import sys
 
 import pytest
+import torch
 
+from nbp_mega import machine_load
 from nbp_mega.ops import fused
 
 TOOLS = pathlib.Path(__file__).resolve().parents[1] / "tools"
@@ -32,25 +37,71 @@ def test_bench_attention_tiny_shape_records_and_targets(capsys):
     bench = load_tool("bench_attention")
     assert bench.main(["--shapes", "tiny", "--repeats", "1", "--threads", "1", "--json"]) == 0
     machine, *rows, targets = json.loads(capsys.readouterr().out)
-    assert machine["threads"] == 1
+    assert machine["threads"] == 1 and machine["device"] == "cpu"
     got = {(r["impl"], r["pass"]) for r in rows}
-    assert got == {(i, p) for i in bench.IMPLS for p in ("fwd", "fwd+bwd")}
+    assert got == {(i, p) for i in bench.DEFAULT_IMPLS["cpu"] for p in ("fwd", "fwd+bwd")}
     for r in rows:
-        assert r["shape"] == "tiny" and r["seconds"] > 0
+        assert r["shape"] == "tiny" and r["seconds"] > 0 and r["correct"] is True
+        assert set(r["max_abs_error"]) == ({"out"} if r["pass"] == "fwd" else
+                                           {"out", "dq", "dk", "dv"})
         fused_s = next(x["seconds"] for x in rows
                        if x["impl"] == "fused" and x["pass"] == r["pass"])
-        # seconds are rounded to 10 us: loose on this tiny shape
-        assert r["vs_fused"] == pytest.approx(r["seconds"] / fused_s, rel=0.1)
-    # the targets concern the paper and long shapes only
-    assert targets == {"shape": "targets", "all_met": True, "targets": []}
+        assert r["vs_fused"] == pytest.approx(r["seconds"] / fused_s, rel=0.01)
+    # the targets concern the paper and long shapes only: none applies
+    assert targets == {"shape": "targets", "all_met": None, "targets": []}
+
+
+def test_bench_attention_records_a_crash_and_a_wrong_kernel(capsys, monkeypatch):
+    bench = load_tool("bench_attention")
+
+    def crash(q, k, v, L):
+        raise RuntimeError("kernel exploded")
+
+    def fast_but_wrong(q, k, v, L):  # no mask at all
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    monkeypatch.setitem(bench.IMPLS, "fused", fast_but_wrong)
+    monkeypatch.setitem(bench.IMPLS, "block_loop", crash)
+    argv = ["--shapes", "tiny", "--repeats", "2", "--threads", "1", "--json", "--impls",
+            "fused", "dense_mask", "block_loop"]
+    assert bench.main(argv) == 1  # the bench went on, and says that it failed
+    machine, *rows, targets = json.loads(capsys.readouterr().out)
+    by = {(r["impl"], r["pass"]): r for r in rows}
+    for p in ("fwd", "fwd+bwd"):
+        assert by["fused", p]["correct"] is False and by["fused", p]["seconds"] > 0
+        assert by["fused", p]["max_abs_error"]["out"] > 0.1
+        assert by["block_loop", p]["error"] == "RuntimeError: kernel exploded"
+        assert by["block_loop", p]["seconds"] is None and "correct" not in by["block_loop", p]
+        assert by["dense_mask", p]["correct"] is True and by["dense_mask", p]["repeats"] == 2
+    assert targets["all_met"] is None
+    assert "ERROR: RuntimeError: kernel exploded" in bench.markdown([machine, *rows, targets])
+
+
+def test_bench_attention_survives_a_broken_reference_or_only_failing_impls(capsys,
+                                                                         monkeypatch):
+    bench = load_tool("bench_attention")
+    argv = ["--shapes", "tiny", "--repeats", "1", "--threads", "1", "--json", "--impls"]
+
+    def crash(*args):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setitem(bench.IMPLS, "block_loop", crash)
+    assert bench.main([*argv, "block_loop"]) == 1  # nothing left to time: no crash
+    _, *rows, _ = json.loads(capsys.readouterr().out)
+    assert [r["error"].startswith("RuntimeError: CUDA error") for r in rows] == [True, True]
+    monkeypatch.setattr(bench, "references", crash)  # the context an earlier shape broke
+    assert bench.main([*argv, "dense_mask"]) == 1
+    _, *rows, _ = json.loads(capsys.readouterr().out)
+    assert all(r["error"].startswith("inputs or reference: RuntimeError") for r in rows)
+
+
+def row(shape, impl, seconds, correct=True):
+    return {"shape": shape, "impl": impl, "pass": "fwd+bwd", "seconds": seconds,
+            "correct": correct}
 
 
 def test_bench_attention_targets_ratio_against_the_fastest_baseline():
     bench = load_tool("bench_attention")
-
-    def row(shape, impl, seconds):
-        return {"shape": shape, "impl": impl, "pass": "fwd+bwd", "seconds": seconds}
-
     records = [row("paper", "fused", 0.6), row("paper", "dense_mask", 1.2),
                row("paper", "block_loop", 1.0), row("paper", "sdpa_causal", 0.5)]
     result = bench.targets_record(records)
@@ -59,6 +110,31 @@ def test_bench_attention_targets_ratio_against_the_fastest_baseline():
     assert by_limit[1.1]["ratio"] == pytest.approx(1.2) and not by_limit[1.1]["met"]
     assert result["all_met"] is False
     assert len(result["targets"]) == 2  # no "long" rows: its targets are left out
+
+
+def test_bench_attention_all_met_only_when_a_target_was_evaluated():
+    bench = load_tool("bench_attention")
+    paper = [row("paper", "fused", 0.1), row("paper", "dense_mask", 1.0),
+             row("paper", "block_loop", 1.0), row("paper", "sdpa_causal", 1.0)]
+    assert bench.targets_record(paper)["all_met"] is True
+    none = {"shape": "targets", "all_met": None, "targets": []}
+    assert bench.targets_record([row("tiny", "fused", 0.1)]) == none  # no target's shape
+    assert bench.targets_record(paper[:1]) == none  # no baseline measured
+    assert bench.targets_record(paper, device="cuda") == none  # the targets are the CPU's
+    assert "No target applies" in bench.markdown([
+        {"device": "cpu", "cpu": "x", "cores": 2, "kernel_isa": "avx2", "threads": 2,
+         "torch": "2", "dtype": "float32", "repeats": 1, "calls": 1, "load_average": [0]},
+        none])
+
+
+def test_bench_attention_a_fast_wrong_or_failed_kernel_meets_no_target():
+    bench = load_tool("bench_attention")
+    baselines = [row("paper", "dense_mask", 1.0), row("paper", "block_loop", 1.0)]
+    wrong = bench.targets_record([row("paper", "fused", 0.1, correct=False), *baselines])
+    assert wrong["targets"][0]["ratio"] == pytest.approx(0.1)
+    assert wrong["targets"][0]["met"] is False and wrong["all_met"] is False
+    crashed = bench.targets_record([{**row("paper", "fused", None), "error": "E"}, *baselines])
+    assert crashed["targets"][0] == {**crashed["targets"][0], "ratio": None, "met": False}
 
 
 def test_bench_train_summary_counts_the_data_wait(tmp_path):
@@ -72,9 +148,98 @@ def test_bench_train_summary_counts_the_data_wait(tmp_path):
     record = bench.summarize(str(tmp_path), range(2, 5), tokens_per_step=100,
                              flops_per_token=1e9)
     assert record["step_seconds"] == 2.0  # median of 1.5, 2.0, 3.0
+    assert record["step_seconds_quartiles"] == [1.75, 2.5]
+    assert record["step_seconds_range"] == [1.5, 3.0] and record["steps_timed"] == 3
     assert record["tokens_per_s"] == 50.0
     assert record["model_tflops"] == pytest.approx(0.05)
     assert "breakdown" not in record  # no profile written
+
+
+def test_bench_train_turns_are_abba_and_the_steps_add_up():
+    bench = load_tool("bench_train")
+    assert bench.schedule(1) == [[0], [1]]
+    assert bench.schedule(4) == [[0], [1, 1], [0, 0], [1, 1], [0]]
+    # setup 0 is resumed 3 times in 4 rounds, setup 1 twice: one dropped step each
+    plan0, plan1 = bench.plan_steps(warmup=4, rounds=4, per_turn=4, profile=1)
+    assert plan0 == {"last_timed": 4 + 3 + 16, "profile_start": 25, "total": 25}
+    assert plan1 == {"last_timed": 4 + 2 + 16, "profile_start": 24, "total": 24}
+
+
+def test_load_record_counts_only_other_processes():
+    bench_key, child, other, late, kworker = (10, 1), (11, 2), (20, 3), (30, 4), (40, 5)
+    first = {bench_key: 100, child: 0, other: 500, late: 0, kworker: 0}
+    last = {bench_key: 90_000, child: 50_000, other: 600, late: 250, kworker: 300}
+    comm = {bench_key: "python", child: "python", other: "bash", late: "make", kworker: "kw"}
+    cpu_before = [0] * 10
+    cpu_after = [60_000, 0, 1000, 39_000, 0, 0, 0, 0, 0, 0]  # no steal
+    kwargs = dict(own={bench_key, child}, kernel={kworker}, cpu_before=cpu_before,
+                  cpu_after=cpu_after, wall=500.0, cores=2, ticks_per_s=100)
+    record = machine_load.load_summary(first, last, comm, **kwargs)
+    # others: 1 s (bash) + 2.5 s (make, started during the run) of 1000 core-seconds
+    assert record["others_cpu_seconds"] == 3.5 and record["others_fraction"] == 0.0035
+    assert record["kernel_threads_cpu_seconds"] == 3.0  # apart, not held against the run
+    assert record["quiet"] is True
+    assert [o["comm"] for o in record["others"]] == ["kw", "make", "bash"]
+    busy = machine_load.load_summary(first, {**last, other: 500 + 2100}, comm, **kwargs)
+    assert busy["others_cpu_seconds"] == 23.5 and busy["quiet"] is False  # > 2% of 1000
+    stolen = machine_load.load_summary(first, last, comm, **{
+        **kwargs, "cpu_after": [57_000, 0, 1000, 39_000, 0, 0, 0, 3000, 0, 0]})
+    assert stolen["steal_fraction"] == 0.03 and stolen["quiet"] is False
+
+
+def test_process_tree_follows_parents():
+    procs = {(1, 0): (0, "init", 0), (10, 0): (1, "bench", 0), (11, 0): (10, "torchrun", 0),
+             (12, 0): (11, "rank", 0), (13, 0): (12, "loader", 0), (20, 0): (1, "bash", 0),
+             (3, 0): (2, "kworker", 0)}
+    assert machine_load.process_tree(procs, 10) == {(10, 0), (11, 0), (12, 0), (13, 0)}
+    assert machine_load.kernel_threads(procs) == {(3, 0)}
+
+
+FAKE_TRAINER = r"""
+import json, sys, time
+run_dir, total = sys.argv[1], int(sys.argv[2])
+with open(run_dir + "/metrics.jsonl", "w") as out:
+    for step in range(1, total + 1):
+        start, beats = time.perf_counter(), []
+        while time.perf_counter() - start < 0.15:  # busy: it works only while not stopped
+            beats.append(time.time())
+            time.sleep(0.005)
+        out.write(json.dumps({"step": step, "step_seconds": time.perf_counter() - start,
+                              "beats": beats}) + "\n")
+        out.flush()
+"""
+
+
+def test_bench_train_interleaves_two_live_runs_one_at_a_time(tmp_path):
+    bench = load_tool("bench_train")
+    script = tmp_path / "fake_trainer.py"
+    script.write_text(FAKE_TRAINER)
+    warmup, rounds, per_turn = 1, 2, 2
+    plans = bench.plan_steps(warmup, rounds, per_turn, profile=1)
+    watch, runs = bench.LoadWatch(), []
+    try:
+        for name, plan in zip(("a", "b"), plans, strict=True):
+            (tmp_path / name).mkdir()
+            argv = [sys.executable, str(script), str(tmp_path / name), str(plan["total"])]
+            runs.append(bench.Run(name, (argv, None), str(tmp_path / name), keep_root=False))
+            bench.warm_up(runs[-1], warmup, watch)
+        bench.interleave(runs, rounds, per_turn, plans, watch)
+    finally:
+        for run in runs:
+            run.kill()
+    steps = {}
+    for run in runs:
+        with open(run.metrics) as f:
+            steps[run.setup] = {r["step"]: r for r in map(json.loads, f)}
+        assert len(run.timed) == rounds * per_turn and min(run.timed) > warmup
+    for mine, theirs in (("a", "b"), ("b", "a")):
+        for s in next(r for r in runs if r.setup == mine).timed:
+            row = steps[mine][s]
+            assert row["step_seconds"] < 0.4  # no pause inside a timed step
+            begin, end = row["beats"][0], row["beats"][-1]
+            # the other setup did no work while this one's timed step ran
+            assert not any(begin < t < end for r in steps[theirs].values() for t in r["beats"])
+    assert watch.summary()["wall_seconds"] > 0
 
 
 @pytest.mark.parametrize("params,zero3_tflops,expect_mfu_target", [

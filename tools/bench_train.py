@@ -1,22 +1,43 @@
 """Training throughput: tokens/s and model FLOP utilisation, ZeRO-3 vs a plain PyTorch loop.
 
     python tools/bench_train.py --json [--configs configs/tiny.yaml configs/bench_100m.yaml]
+                                [--steps N] [--rounds R] [--warmup W]
 
 For each config, on synthetic token shards of its grid and vocabulary:
   zero3_dp2  the real trainer as `make demo` runs it: `bash launch.sh` with 2 ranks (torchrun,
              gloo, one thread per rank), DeepSpeed ZeRO-3, the config's global batch;
   plain      one process, torch.set_num_threads(<ranks>), the same model class, data loader,
              AdamW and global batch in a plain forward/backward/step loop (no DeepSpeed).
-Both use the whole machine (2 cores: 2 ranks x 1 thread vs 1 process x 2 threads). A step's
-time includes waiting for data. The first --warmup steps are not timed; the median of the
-next --steps is; then --profile steps run under torch.profiler (not timed) and give the time
+Both use the whole machine (2 cores: 2 ranks x 1 thread vs 1 process x 2 threads), so they
+take turns: both are started once and stay alive, and only one runs at a time while the
+other's processes are stopped (SIGSTOP; torchrun's agent is left running, idle). Each first
+runs --warmup steps alone (ZeRO-3 settles after ~4: it traces the order in which modules
+fetch parameters); then --rounds rounds of one turn each, in the order A B B A A B ... so that
+slow drift of the machine hits both alike. A turn times --steps / --rounds consecutive steps;
+the step a process was in when it was stopped contains the pause and is dropped. After the
+last turn each finishes alone: --profile steps under torch.profiler (not timed) give the time
 breakdown (nbp_mega/profiling.py: attention, matmul, communication, optimizer, data, other).
+A step's time includes waiting for data. Reported: the median step time, its quartiles and
+range, and the steps it came from. Default --steps: 16 for ~100M+ configs (4 turns of 4; at
+13-16 s a step on 2 cores the 100M config takes ~13 minutes, the default run ~16), 40 for
+smaller ones.
 
 MFU = model FLOP/s / measured peak, where model FLOPs per target token are nbp_mega.info's
 (6 x matmul parameters + attention over the visible keys, forward + backward) and the peak is
-the best of square fp32 matmuls (2048^2) on all the machine's threads, measured in this run
-before, between and after the configs (the best of those: a shared machine's neighbours
-can only make a measurement slower, and an underestimated peak would inflate MFU).
+the best fp32 GEMM on all the machine's threads (nbp_mega.metrics.matmul_peak: squares of
+1024, 2048, 4096 and the configs' own [tokens x d] x [d x 3d | d x ffn] and [tokens x ffn] x
+[ffn x d] products, 3 times each), measured before, between and after the configs: neighbours
+can only slow a measurement down, and an underestimated peak would inflate MFU.
+
+Load: "load" in the machine record says what else ran. CPU time of every visible process
+outside the bench's own process tree (/proc/<pid>/stat: utime + stime + the children it
+reaped, a delta for those alive at the start, all of it for those started later; kernel
+threads counted apart), the CPU time the hypervisor stole (/proc/stat), and the load averages
+at the start, at every switch of turns and at the end (they include the bench's own ~2).
+"quiet" is true when other processes used <= QUIET_MAX_FRACTION of the cores' time over the
+run and steal was <= QUIET_MAX_FRACTION: only such a run may give README figures. (/proc
+shows this container's processes only; neighbours outside it appear as steal, if at all.)
+
 Prints a JSON list: one "machine" record, one record per (config, setup), one "targets"
 record per config: zero3_dp2 >= 0.8x plain tokens/s, and MFU >= 0.4 for the ~100M config.
 """
@@ -24,9 +45,11 @@ record per config: zero3_dp2 >= 0.8x plain tokens/s, and MFU >= 0.4 for the ~100
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -38,31 +61,41 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from nbp_mega.machine_load import LoadWatch, process_tree, read_processes  # noqa: E402
+
 TARGET_RATIO = 0.8  # zero3_dp2 tokens/s >= this x plain
 TARGET_MFU = 0.4  # for configs of >= MFU_TARGET_PARAMS parameters
 MFU_TARGET_PARAMS = 50_000_000
+# -- the peak ---------------------------------------------------------------------------------
+def gemm_shapes(cfg, ranks: int) -> list[tuple[int, int, int]]:
+    """The model's own products [M, K] x [K, N] on one ZeRO-3 rank: M = its tokens."""
+    from nbp_mega.info import model_info
+
+    model = cfg.model.resolved()
+    m = model_info(model)["sequence_length"] * max(cfg.train.global_batch // ranks, 1)
+    d, ffn = model.hidden, model.ffn_hidden
+    return [(m, d, 3 * d), (m, d, ffn), (m, ffn, d)]
 
 
-def matmul_peak_tflops(threads: int, n: int = 2048, repeats: int = 5) -> float:
+def measure_peak(label: str, threads: int, shapes, watch: LoadWatch) -> dict:
+    from nbp_mega.metrics import SQUARE_GEMMS, matmul_peak
+
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e12
+    result = {"at": label, **matmul_peak(torch.device("cpu"), [*SQUARE_GEMMS, *shapes])}
+    watch.sample(f"peak {label}")
+    return result
 
 
-def machine(threads: int, peaks: list[float]) -> dict:
+def machine(threads: int, peaks: list[dict], load: dict) -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                 if line.startswith("model name")), platform.processor())
     return {"shape": "machine", "cpu": cpu, "cores": os.cpu_count(), "threads": threads,
-            "torch": torch.__version__, "matmul_peak_tflops": max(peaks),
-            "matmul_peak_measurements": peaks}
+            "torch": torch.__version__, "quiet": load["quiet"],
+            "matmul_peak_tflops": max(p["tflops"] for p in peaks), "matmul_peaks": peaks,
+            "load": load}
 
 
+# -- the two setups ---------------------------------------------------------------------------
 def bench_overrides(data_dir: str, run_dir: str, total_steps: int, profile_start: int,
                     profile_steps: int) -> list[str]:
     return [f"run_dir={run_dir}", f"data.shards={data_dir}/train",
@@ -86,21 +119,148 @@ def child_env(**changes) -> dict:
     return {**{k: v for k, v in os.environ.items() if k not in job}, **changes}
 
 
-def run_zero3(config: str, overrides: list[str], ranks: int) -> None:
+def zero3_command(config: str, overrides: list[str], ranks: int) -> tuple[list, dict]:
     env = child_env(NPROC_PER_NODE=str(ranks), PYTHON=sys.executable, OMP_NUM_THREADS="1")
-    run = subprocess.run(["bash", os.path.join(ROOT, "launch.sh"), config, *overrides],
-                         env=env, capture_output=True, text=True)
-    if run.returncode:
-        raise RuntimeError(f"launch.sh {config} failed:\n{run.stderr[-3000:]}")
+    return ["bash", os.path.join(ROOT, "launch.sh"), config, *overrides], env
 
 
-def run_plain(config: str, overrides: list[str], threads: int) -> None:
+def plain_command(config: str, overrides: list[str], threads: int) -> tuple[list, dict]:
     """The plain loop in a fresh process (its own threads and memory)."""
-    run = subprocess.run([sys.executable, os.path.abspath(__file__), "--plain-loop", config,
-                          "--threads", str(threads), "--", *overrides],
-                         env=child_env(), capture_output=True, text=True)
-    if run.returncode:
-        raise RuntimeError(f"plain loop {config} failed:\n{run.stderr[-3000:]}")
+    return [sys.executable, os.path.abspath(__file__), "--plain-loop", config, "--threads",
+            str(threads), "--", *overrides], child_env()
+
+
+class Run:
+    """One setup's training processes, started once, stopped between its turns.
+
+    timed: the step numbers whose times count; a stop drops the step then in progress."""
+
+    def __init__(self, setup: str, command: tuple[list, dict], run_dir: str, keep_root: bool):
+        self.setup, self.run_dir, self.keep_root = setup, run_dir, keep_root
+        self.metrics = os.path.join(run_dir, "metrics.jsonl")
+        self.timed, self.turns, self.clean_from = [], 0, None
+        os.makedirs(run_dir, exist_ok=True)
+        self.log = open(os.path.join(run_dir, "bench_output.log"), "w")
+        argv, env = command
+        self.proc = subprocess.Popen(argv, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def last_step(self) -> int:
+        """The last step in metrics.jsonl (0 before the first)."""
+        if not os.path.exists(self.metrics):
+            return 0
+        with open(self.metrics) as f:
+            lines = f.read().split("\n")[:-1]  # the last line may be half written
+        steps = [json.loads(line)["step"] for line in lines if '"step_seconds"' in line]
+        return max(steps, default=0)
+
+    def wait_for(self, step: int, watch: LoadWatch, timeout: float = 1800.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.last_step() < step:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.setup} ended or stalled before step {step} "
+                                   f"(exit {self.proc.returncode}):\n{self.output_tail()}")
+            watch.tick()
+            time.sleep(0.02)
+
+    def output_tail(self) -> str:
+        self.log.flush()
+        with open(self.log.name) as f:
+            return f.read()[-3000:]
+
+    def _pids(self) -> list[int]:
+        keys = process_tree(read_processes(), self.proc.pid)
+        return [pid for pid, _ in keys if not (self.keep_root and pid == self.proc.pid)]
+
+    def _signal(self, sig: int) -> list[int]:
+        pids = self._pids()
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        return pids
+
+    def pause(self) -> None:
+        """Stop the processes, wait until they are stopped; the step in progress is dropped."""
+        pids = self._signal(signal.SIGSTOP)
+        for pid in pids:
+            for _ in range(200):
+                try:
+                    with open(f"/proc/{pid}/stat") as f:
+                        if f.read().rsplit(")", 1)[1].split()[0] in "TtZX":
+                            break
+                except OSError:
+                    break
+                time.sleep(0.005)
+        self.clean_from = self.last_step() + 2
+
+    def resume(self) -> None:
+        self._signal(signal.SIGCONT)
+
+    def turn(self, steps: int, watch: LoadWatch, last_timed: int) -> None:
+        """Let it run `steps` clean steps (it was resumed, or runs on from its last turn)."""
+        first = self.clean_from
+        self.wait_for(first + steps - 1, watch)
+        self.timed += [s for s in range(first, first + steps) if s <= last_timed]
+        self.clean_from, self.turns = first + steps, self.turns + 1
+
+    def finish(self) -> None:
+        self.resume()
+        if self.proc.wait():
+            raise RuntimeError(f"{self.setup} failed (exit {self.proc.returncode}):\n"
+                               f"{self.output_tail()}")
+        self.log.close()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self._signal(signal.SIGCONT)
+            for pid in self._pids() + [self.proc.pid]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self.proc.wait()
+
+
+def schedule(rounds: int) -> list[list[int]]:
+    """Turns of setups 0 and 1, ABBA-ordered (linear drift cancels), grouped where one setup
+    runs twice in a row: [[0], [1, 1], [0, 0], [1]] for 2 rounds."""
+    order = [i for r in range(rounds) for i in ((0, 1) if r % 2 == 0 else (1, 0))]
+    return [list(group) for _, group in itertools.groupby(order)]
+
+
+def plan_steps(warmup: int, rounds: int, per_turn: int, profile: int) -> list[dict]:
+    """For setups 0 and 1: the last timed step, the profiled steps and the total."""
+    plans = []
+    for i in (0, 1):
+        resumes = sum(1 for group in schedule(rounds) if group[0] == i)
+        last_timed = warmup + resumes + rounds * per_turn  # one dropped step per resume
+        profile_start = last_timed + 2  # after the step stopped at the end of the last turn
+        plans.append({"last_timed": last_timed, "profile_start": profile_start,
+                      "total": profile_start + max(profile, 1) - 1})
+    return plans
+
+
+def warm_up(run: Run, steps: int, watch: LoadWatch) -> None:
+    """Start-up and the first `steps` steps alone; then it is stopped."""
+    run.wait_for(steps, watch)
+    run.pause()
+    watch.sample(f"{run.setup} warmed up")
+
+
+def interleave(runs: list[Run], rounds: int, per_turn: int, plans: list[dict],
+               watch: LoadWatch) -> None:
+    """The turns of the (warmed-up, stopped) runs, then each finishes alone."""
+    for group in schedule(rounds):
+        run = runs[group[0]]
+        run.resume()
+        for _ in group:
+            run.turn(per_turn, watch, plans[group[0]]["last_timed"])
+        run.pause()
+        watch.sample(f"{run.setup} turn {run.turns}")
+    for run in runs:
+        run.finish()
 
 
 def plain_loop(config: str, overrides: list[str], threads: int) -> None:
@@ -144,13 +304,17 @@ def plain_loop(config: str, overrides: list[str], threads: int) -> None:
             out.flush()
 
 
-def summarize(run_dir: str, timed: range, tokens_per_step: int, flops_per_token: float) -> dict:
+# -- the report -------------------------------------------------------------------------------
+def summarize(run_dir: str, timed, tokens_per_step: int, flops_per_token: float) -> dict:
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         rows = {r["step"]: r for r in map(json.loads, f) if "step_seconds" in r}
-    seconds = statistics.median(rows[s]["step_seconds"] + rows[s].get("data_seconds", 0.0)
-                                for s in timed)
+    each = [rows[s]["step_seconds"] + rows[s].get("data_seconds", 0.0) for s in timed]
+    seconds = statistics.median(each)
+    quartiles = statistics.quantiles(each, n=4, method="inclusive") if len(each) > 1 else each * 3
     tokens_per_s = tokens_per_step / seconds
-    record = {"step_seconds": seconds, "tokens_per_s": tokens_per_s,
+    record = {"step_seconds": seconds, "step_seconds_quartiles": [quartiles[0], quartiles[2]],
+              "step_seconds_range": [min(each), max(each)], "steps_timed": len(each),
+              "timed_steps": list(timed), "tokens_per_s": tokens_per_s,
               "model_tflops": flops_per_token * tokens_per_s / 1e12}
     profile = os.path.join(run_dir, "profile", "profile_rank0.json")
     if os.path.exists(profile):
@@ -159,7 +323,11 @@ def summarize(run_dir: str, timed: range, tokens_per_step: int, flops_per_token:
     return record
 
 
-def bench_config(config: str, args, work_dir: str) -> list[dict]:
+def default_steps(parameters: int) -> int:
+    return 16 if parameters >= MFU_TARGET_PARAMS else 40
+
+
+def bench_config(config: str, args, work_dir: str, watch: LoadWatch) -> list[dict]:
     """The zero3_dp2 and plain records of one config (without MFU: see add_mfu) and its
     "targets" record."""
     from nbp_mega.config import load_config
@@ -169,20 +337,27 @@ def bench_config(config: str, args, work_dir: str) -> list[dict]:
     info = model_info(cfg.model)
     name = os.path.splitext(os.path.basename(config))[0]
     data_dir = os.path.join(work_dir, f"data_{name}")
-    steps = args.steps or (3 if info["parameters"] >= MFU_TARGET_PARAMS else 20)
-    total = args.warmup + steps + args.profile
-    make_data(cfg, data_dir, clips=cfg.train.global_batch * (total + 2))
-    timed = range(args.warmup + 1, args.warmup + steps + 1)
+    per_turn = -(-(args.steps or default_steps(info["parameters"])) // args.rounds)
+    plans = plan_steps(args.warmup, args.rounds, per_turn, args.profile)
+    make_data(cfg, data_dir, clips=cfg.train.global_batch * (max(p["total"] for p in plans) + 2))
+    setups = (("zero3_dp2", zero3_command, True), ("plain", plain_command, False))
+    runs = []
+    try:
+        for (setup, command, keep_root), plan in zip(setups, plans, strict=True):
+            run_dir = os.path.join(work_dir, f"{name}_{setup}")
+            overrides = bench_overrides(data_dir, run_dir, plan["total"], plan["profile_start"],
+                                        args.profile) + args.set
+            runs.append(Run(setup, command(config, overrides, args.ranks), run_dir, keep_root))
+            warm_up(runs[-1], args.warmup, watch)  # the next starts once this one is stopped
+        interleave(runs, args.rounds, per_turn, plans, watch)
+    finally:
+        for run in runs:
+            run.kill()
     tokens = cfg.train.global_batch * info["targets_per_clip"]
-    records = []
-    for setup, runner, width in (("zero3_dp2", run_zero3, args.ranks),
-                                 ("plain", run_plain, args.ranks)):
-        run_dir = os.path.join(work_dir, f"{name}_{setup}")
-        runner(config, bench_overrides(data_dir, run_dir, total, args.warmup + steps + 1,
-                                       args.profile) + args.set, width)
-        records.append({"shape": name, "setup": setup, "parameters": info["parameters"],
-                        "tokens_per_step": tokens, "steps_timed": steps,
-                        **summarize(run_dir, timed, tokens, info["training_flops_per_token"])})
+    records = [{"shape": name, "setup": run.setup, "parameters": info["parameters"],
+                "tokens_per_step": tokens, "turns": run.turns,
+                **summarize(run.run_dir, run.timed, tokens, info["training_flops_per_token"])}
+               for run in runs]
     zero3, plain = records
     ratio = zero3["tokens_per_s"] / plain["tokens_per_s"]
     targets = {"zero3_vs_plain": {"ratio": ratio, "target": TARGET_RATIO,
@@ -205,7 +380,7 @@ def add_mfu(records: list[dict], peak: float) -> None:
                         "met": zero3["mfu"] >= TARGET_MFU}
 
 
-def main(argv=None) -> None:
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", nargs="+",
                    default=["configs/tiny.yaml", "configs/bench_100m.yaml"])
@@ -214,7 +389,9 @@ def main(argv=None) -> None:
                    help="untimed steps first (ZeRO-3 settles after ~4: it traces the order "
                         "in which modules fetch parameters)")
     p.add_argument("--steps", type=int, default=0,
-                   help="timed steps (median; 0 = 3 for ~100M+ configs, 20 for smaller ones)")
+                   help="timed steps per setup (median; 0 = 16 for ~100M+ configs, 40 for "
+                        "smaller ones), split over the rounds")
+    p.add_argument("--rounds", type=int, default=4, help="turns of each setup (ABBA order)")
     p.add_argument("--profile", type=int, default=1, help="profiled steps after the timed ones")
     p.add_argument("--work-dir", help="keep runs and data here (default: a temporary dir)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
@@ -225,18 +402,34 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.warmup < 1 or args.rounds < 1 or args.steps < 0:
+        p.error(f"need --warmup >= 1, --rounds >= 1, --steps >= 0; got {args.warmup}, "
+                f"{args.rounds}, {args.steps}")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     if args.plain_loop:
         return plain_loop(args.plain_loop, args.overrides, args.threads)
-    peaks = [matmul_peak_tflops(args.ranks)]
-    records = []
+    from nbp_mega.config import load_config
+
+    watch = LoadWatch()
+    configs = [os.path.abspath(c) for c in args.configs]
+    shapes = sorted({s for c in configs for s in gemm_shapes(load_config(c), args.ranks)})
+    peaks, records = [measure_peak("start", args.ranks, shapes, watch)], []
     with tempfile.TemporaryDirectory() as tmp:
-        for config in args.configs:
-            records += bench_config(os.path.abspath(config), args, args.work_dir or tmp)
-            peaks.append(matmul_peak_tflops(args.ranks))
+        for config in configs:
+            records += bench_config(config, args, args.work_dir or tmp, watch)
+            name = os.path.splitext(os.path.basename(config))[0]
+            peaks.append(measure_peak(f"after {name}", args.ranks, shapes, watch))
             if not args.json:
                 print(json.dumps(records[-3:], indent=1), file=sys.stderr, flush=True)
-    records.insert(0, machine(args.ranks, peaks))
-    add_mfu(records, max(peaks))
+    records.insert(0, machine(args.ranks, peaks, watch.summary()))
+    add_mfu(records, records[0]["matmul_peak_tflops"])
+    if not records[0]["quiet"]:
+        print("bench_train: other processes ran during the bench (see machine.load): not a "
+              "run for the README", file=sys.stderr)
     print(json.dumps(records, indent=1))
 
 
