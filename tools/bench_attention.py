@@ -44,7 +44,8 @@ with an error is the culprit.
 
 --json prints one JSON list of records, told apart by "shape":
     {"shape": "machine", device, cpu, cores, torch, threads, dtype, repeats, calls,
-     load_average, kernel_isa, torch_cpu_capability (CPU) | gpu, capability, cuda, driver,
+     load_average, load (nbp_mega/machine_load.py: others' CPU time, steal, "quiet"),
+     kernel_isa, torch_cpu_capability (CPU) | gpu, capability, cuda, driver,
      gpu_memory_gb, kernel_cuda_archs (CUDA)}                 (first; once)
     {"shape": "paper" | "long" | "tiny", B, N, S, D, L, "impl", "pass", "device", "dtype",
      "seconds" (median; null after an error), "min", "max", "repeats", "calls", "threads",
@@ -77,6 +78,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from nbp_mega.machine_load import LoadWatch  # noqa: E402
 from nbp_mega.ops import flex, fused  # noqa: E402  (a checkout that is not installed too)
 from nbp_mega.ops.block_loop import block_loop_attention  # noqa: E402
 from nbp_mega.ops.reference import dense_block_causal_attention  # noqa: E402
@@ -420,12 +422,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    watch = LoadWatch()
     records = [machine_record(device, args.threads, args.dtype, args.repeats, args.calls)]
     for name in args.shapes:
         times, status = measure_shape(SHAPES[name], args.impls, args.repeats,
                                       getattr(torch, args.dtype), device, args.calls)
         records += shape_records(name, times, args.threads, args.dtype, status, args.device,
                                  args.calls)
+        watch.sample(f"after {name}")
+    records[0]["load"] = watch.summary()  # what else ran: README figures need "quiet"
     records.append(targets_record(records, args.device))
     print(json.dumps(records, indent=1) if args.json else markdown(records))
     return 1 if failed(records) else 0
