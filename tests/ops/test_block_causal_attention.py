@@ -100,11 +100,11 @@ def test_no_sequence_by_sequence_tensor(L):
 
 def test_dispatch_override_and_errors(monkeypatch):
     default = ops.attention_impl()
-    assert default in ("fused", "block_loop")
+    assert default == "auto"  # CPU kernel on the CPU, FlexAttention on CUDA
     with use_attention_impl("dense"):
         assert ops.attention_impl() == "dense"
     assert ops.attention_impl() == default
-    with pytest.raises(ValueError, match="valid: fused, flex, block_loop, dense"):
+    with pytest.raises(ValueError, match="valid: auto, fused, flex, block_loop, dense"):
         ops.set_attention_impl("flash")
     monkeypatch.setenv("NBP_ATTENTION_IMPL", "dense")
     assert ops._select() == "dense"
