@@ -46,12 +46,18 @@ class Attention(nn.Module):
         self.proj = tp.row(cfg.hidden, cfg.hidden, bias=bias)
         self.block_len, self.prefix_len = layout.block_len, layout.prefix_len
 
-    def forward(self, x: torch.Tensor, rope: Rotary3D | None, start: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rotary3D | None, start: int,
+                cache=None) -> torch.Tensor:
+        """x [B, S, d] at positions [start, start + S). With a KV cache (generation) the new
+        keys/values are written into it in place and the queries attend to all cached keys
+        (those past their block are masked), so shapes stay static from step to step."""
         B, S, _ = x.shape
         qkv = self.qkv(x).view(B, S, self.local_heads, 3, self.head_dim)
         q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each [B, Nl, S, D]
         if rope is not None:
             q, k = rope(q, start), rope(k, start)
+        if cache is not None:
+            k, v = cache.update(k, v, start)  # [B, Nl, S_max, D]
         out = block_causal_attention(q, k, v, self.block_len, self.prefix_len, start)
         return self.proj(out.transpose(1, 2).reshape(B, S, self.local_heads * self.head_dim))
 
@@ -83,8 +89,9 @@ class TransformerLayer(nn.Module):
         self.mlp = MLP(cfg, tp)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope: Rotary3D | None, start: int) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.norm1(x), rope, start))
+    def forward(self, x: torch.Tensor, rope: Rotary3D | None, start: int,
+                cache=None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), rope, start, cache))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -123,17 +130,19 @@ class NBPTransformer(nn.Module):
             raise ConfigError(f"sequence length {self.layout.seq_len} exceeds "
                               f"model.max_positions={cfg.max_positions}")
 
-    def hidden_states(self, input_ids: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """input_ids [B, S] at positions [start, start + S) -> final-norm states [B, S, d]."""
+    def hidden_states(self, input_ids: torch.Tensor, start: int = 0,
+                      cache=None) -> torch.Tensor:
+        """input_ids [B, S] at positions [start, start + S) -> final-norm states [B, S, d].
+        `cache`: a nbp_mega.generate.StaticKVCache (per-layer keys/values of earlier steps)."""
         x = self.tok_emb(input_ids)
         if self.pos_emb is not None:
             x = x + self.pos_emb(start, input_ids.shape[1])
         x = self.drop(x)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             if self.cfg.activation_checkpointing and self.training:
                 x = checkpoint(layer, x, self.rope, start, use_reentrant=False)
             else:
-                x = layer(x, self.rope, start)
+                x = layer(x, self.rope, start, None if cache is None else cache.layer(i))
         return self.norm(x)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

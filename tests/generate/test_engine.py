@@ -1,0 +1,123 @@
+"""Generation: the KV-cached block steps equal the full forward, greedy decoding equals a
+decoder that reruns the whole sequence, and samples depend only on their seed.
+
+Legend: B batch; L block length; V vocabulary.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nbp_mega.generate import SamplingConfig, StaticKVCache, filter_logits, generate, sample
+from nbp_mega.model import NBPTransformer
+from nbp_mega.parallel.layers import TensorParallel
+from tests.conftest import tiny_model_config
+
+VARIANTS = [dict(family="gpt", position="learned_1d"), dict(family="gpt", position="learned_3d"),
+            dict(family="llama", position="rope_3d")]
+BLOCKS = [[1, 1, 1], [1, 1, 8], [1, 2, 2], [2, 2, 2]]
+GREEDY = SamplingConfig(temperature=0.0)
+
+
+def build(dims, **changes) -> NBPTransformer:
+    torch.manual_seed(0)
+    cfg = tiny_model_config(**changes)
+    return NBPTransformer(cfg, TensorParallel(dims, init_std=cfg.init_std)).eval()
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"{v['family']}-{v['position']}")
+@pytest.mark.parametrize("block", BLOCKS, ids=lambda b: "x".join(map(str, b)))
+@pytest.mark.parametrize("start_block", [True, False])
+def test_cached_block_steps_equal_the_full_forward(dims, variant, block, start_block):
+    model = build(dims, block_shape=block, num_classes=3, start_block=start_block, **variant)
+    layout, L = model.layout, model.layout.block_len
+    tokens = torch.randint(0, 50, (2, *model.cfg.grid))
+    input_ids, _ = layout.build(tokens, torch.tensor([0, 2]))
+    with torch.no_grad():
+        full = model.hidden_states(input_ids)
+        cache = StaticKVCache.for_model(model, 2)
+        first = layout.num_slots + (0 if start_block else L)  # prefill: conditioning
+        steps = [model.hidden_states(input_ids[:, :first], 0, cache)]
+        for pos in range(first, layout.seq_len, L):
+            steps.append(model.hidden_states(input_ids[:, pos:pos + L], pos, cache))
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def rerun_greedy(model, labels, context_frames: int, tokens) -> torch.Tensor:
+    """The oracle: every step reruns the whole training-form sequence, no cache."""
+    layout, L = model.layout, model.layout.block_len
+    seq = layout.blocks.to_blocks(tokens).clone()
+    first = context_frames * model.cfg.grid[1] * model.cfg.grid[2] // L
+    seq[:, first * L:] = 0
+    for block in range(first, layout.blocks.num_blocks):
+        input_ids, _ = layout.build(layout.blocks.from_blocks(seq), labels)
+        with torch.no_grad():
+            h = model.hidden_states(input_ids)
+        P = layout.prefix_len
+        target = block * L - (0 if model.cfg.start_block else L)  # target index of the block
+        logits = model.logits(h[:, P + target:P + target + L])
+        seq[:, block * L:(block + 1) * L] = logits.argmax(-1)
+    return layout.blocks.from_blocks(seq)
+
+
+@pytest.mark.parametrize("variant", VARIANTS[::2], ids=lambda v: v["family"])
+@pytest.mark.parametrize("block", BLOCKS, ids=lambda b: "x".join(map(str, b)))
+def test_greedy_generation_equals_rerunning_the_sequence(dims, variant, block):
+    model = build(dims, block_shape=block, num_classes=3, **variant)
+    labels = torch.tensor([1, 2])
+    got = generate(model, seeds=[0, 1], labels=labels, sampling=GREEDY)
+    assert got.shape == (2, *model.cfg.grid)
+    expected = rerun_greedy(model, labels, 0, torch.zeros_like(got))
+    assert torch.equal(got, expected)
+
+
+def test_frame_prediction_keeps_the_context_and_continues_it(dims):
+    # The K600 layout: no start block, the first latent frame given.
+    model = build(dims, block_shape=[1, 2, 2], start_block=False)
+    context = torch.randint(0, 50, (2, 1, 4, 8))
+    got = generate(model, seeds=[3, 4], context=context, sampling=GREEDY)
+    assert torch.equal(got[:, :1], context)
+    full = torch.cat([context, torch.zeros(2, 1, 4, 8, dtype=torch.long)], dim=1)
+    assert torch.equal(got, rerun_greedy(model, None, 1, full))
+
+
+def test_a_sample_depends_only_on_its_seed(dims):
+    model = build(dims, block_shape=[1, 1, 8], num_classes=3)
+    sampling = SamplingConfig(temperature=1.0, top_k=20, top_p=0.95)
+    seeds, labels = list(range(100, 108)), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    batch = generate(model, seeds=seeds, labels=labels, sampling=sampling)
+    alone = generate(model, seeds=[seeds[3]], labels=labels[3:4], sampling=sampling)
+    assert torch.equal(batch[3:4], alone)
+    other = generate(model, seeds=[999], labels=labels[3:4], sampling=sampling)
+    assert not torch.equal(other, alone)  # the seed matters
+
+
+def test_filters_keep_what_they_promise():
+    logits = torch.log(torch.tensor([[[0.5, 0.3, 0.15, 0.05]]]))
+    top2 = filter_logits(logits, SamplingConfig(top_k=2, top_p=1.0))
+    assert torch.isinf(top2[0, 0, 2:]).all() and torch.isfinite(top2[0, 0, :2]).all()
+    nucleus = filter_logits(logits, SamplingConfig(top_k=0, top_p=0.8))  # 0.5 + 0.3 reach it
+    assert torch.isfinite(nucleus[0, 0]).tolist() == [True, True, False, False]
+    gens = [torch.Generator().manual_seed(s) for s in range(2)]
+    assert sample(logits.expand(2, 1, 4), SamplingConfig(top_k=1), gens).tolist() == [[0], [0]]
+
+
+def test_sampling_follows_the_distribution():
+    probs = torch.tensor([0.6, 0.3, 0.1, 0.0])
+    logits = probs.log().view(1, 1, 4).expand(1, 4000, 4)
+    ids = sample(logits, SamplingConfig(top_k=0, top_p=1.0), [torch.Generator().manual_seed(0)])
+    freq = torch.bincount(ids.flatten(), minlength=4).float() / ids.numel()
+    torch.testing.assert_close(freq, probs, atol=0.03, rtol=0)  # never the impossible token
+
+
+def test_conditioning_errors(dims):
+    model = build(dims, num_classes=3)
+    with pytest.raises(ValueError, match="pass labels exactly when"):
+        generate(model, seeds=[0])
+    k600 = build(dims, start_block=False)
+    with pytest.raises(ValueError, match="block 0 is context only"):
+        generate(k600, seeds=[0])
+    cube = build(dims, block_shape=[2, 2, 2])
+    with pytest.raises(ValueError, match="multiple of the block's 2 frames"):
+        generate(cube, seeds=[0], context=torch.zeros(1, 1, 4, 8, dtype=torch.long))
