@@ -276,3 +276,15 @@ def test_bench_gloo_times_both_averaging_paths(capsys, monkeypatch):
     seconds = {r["impl"]: r["seconds"] for r in rows}
     assert ratio["bucket_all_reduce_vs_reduce_scatter_coalesced"] == pytest.approx(
         seconds["bucket_all_reduce"] / seconds["reduce_scatter_coalesced"])
+
+
+def test_bench_generation_records_both_setups(capsys):
+    bench = load_tool("bench_generation")
+    assert bench.main(["--repeats", "1", "--threads", "1", "--json", "--set",
+                       "model.grid=[2,4,8]", "model.layers=1"]) == 0
+    machine, nbp, ntp, speedup = json.loads(capsys.readouterr().out)
+    assert "quiet" in machine["load"] and machine["batch"] == 1
+    assert (nbp["block_len"], nbp["steps"]) == (8, 8)  # 2x4x8 grid in rows of 8, start block
+    assert (ntp["block_len"], ntp["steps"]) == (1, 64)
+    assert speedup["steps_ratio"] == 8.0
+    assert speedup["ntp_over_nbp"] == round(ntp["seconds"] / nbp["seconds"], 2)
