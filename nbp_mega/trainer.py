@@ -99,16 +99,26 @@ class Trainer:
         return StepProfiler(os.path.join(self.cfg.run_dir, "profile"), start=log.profile_start,
                             steps=log.profile_steps, rank=self.dims.rank)
 
-    def _to_device(self, batch):
+    def _to_device(self, batch, drop=None):
         tokens = batch.tokens.to(self.dims.device, non_blocking=True)
         labels = batch.labels.to(self.dims.device) if self.layout.prefix_len else None
-        return self.layout.build(tokens, labels)
+        return self.layout.build(tokens, labels, drop)
+
+    def _cond_drop(self, batch):
+        """Clips trained without their condition this step (model.cond_dropout), or None."""
+        from nbp_mega.model.sequence import cond_drop_mask
+
+        p = self.cfg.model.cond_dropout
+        if not p:
+            return None
+        return cond_drop_mask(self.cfg.seed, self.step, self.cfg.train.global_batch,
+                              batch.first_position, len(batch.keys), p)
 
     def train_step(self, batch) -> tuple[dict, torch.Tensor]:
         """One optimizer step over this rank's share of a global batch."""
         start = time.perf_counter()
         self.engine.train()
-        input_ids, targets = self._to_device(batch)  # [b, S], [b, Nt]
+        input_ids, targets = self._to_device(batch, self._cond_drop(batch))  # [b, S], [b, Nt]
         lr = self.engine.get_lr()[0]  # the rate this step uses (the scheduler moves on)
         block_loss = torch.zeros(self.layout.num_target_blocks, dtype=torch.float64,
                                  device=self.dims.device)  # [nb]; no host sync per micro step

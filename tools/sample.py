@@ -2,7 +2,7 @@
 
     python tools/sample.py RUN_DIR --out samples.npy [--checkpoint step_00000300] [--num 8]
         [--seed 0] [--labels 3 [3 ...]] [--context tokens.npy --context-frames K]
-        [--temperature 1.0] [--top-k 16000] [--top-p 0.9] [--batch 8]
+        [--temperature 1.0] [--top-k 16000] [--top-p 0.9] [--guidance-scale 1.0] [--batch 8]
 
 Writes OUT (int64 [num, T, H, W] token grids) and OUT.json (run, checkpoint, seeds, labels,
 sampling). Sample i uses seed + i, so any subset can be regenerated alone. --labels: one id
@@ -40,6 +40,8 @@ def parse_args(argv):
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=16000)
     p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--guidance-scale", type=float, default=1.0,
+                   help="classifier-free guidance (models trained with model.cond_dropout)")
     p.add_argument("--batch", type=int, default=8, help="clips per forward")
     return p.parse_args(argv)
 
@@ -75,7 +77,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     dims = init_parallel(ParallelConfig(tensor=1))
     model, cfg = load_trained_model(args.run_dir, args.checkpoint, dims=dims)
-    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                              guidance_scale=args.guidance_scale)
     sampling.validate()
     labels, context = labels_for(args, cfg.model.num_classes), context_for(args, cfg.model.grid)
     seeds, out = [args.seed + i for i in range(args.num)], []

@@ -9,6 +9,10 @@ give the logits of the next block; every later step feeds exactly the block just
 its own positions, its queries attending to the cache plus the block itself (bidirectional
 inside it), and returns the logits of the block after it. A clip of nb blocks with K given
 takes nb - K steps, whatever the block length (NTP: L = 1, one step per token).
+
+Classifier-free guidance (sampling.guidance_scale != 1) runs the conditional rows and their
+unconditional twins (class prefix replaced by the no-condition token) as one batch of 2B
+through every forward, and samples from u + s (c - u).
 """
 
 from __future__ import annotations
@@ -18,6 +22,22 @@ import torch
 from nbp_mega.config_fields import ConfigError
 from nbp_mega.generate.kv_cache import StaticKVCache
 from nbp_mega.generate.sampling import SamplingConfig, sample
+
+
+def _check_guidance(model, labels, sampling: SamplingConfig) -> bool:
+    """Whether this call guides; refuses guidance the model was not trained for."""
+    if sampling.guidance_scale == 1.0:
+        return False
+    if labels is None or model.layout.null_token is None:
+        raise ValueError(f"sampling.guidance_scale={sampling.guidance_scale} needs a "
+                         "class-conditional model trained with model.cond_dropout > 0")
+    return True
+
+
+def _guided(logits: torch.Tensor, batch: int, scale: float) -> torch.Tensor:
+    """[2B, L, V] (conditional rows, then unconditional) -> u + scale (c - u) [B, L, V]."""
+    c, u = logits[:batch], logits[batch:]
+    return torch.where(torch.isfinite(c), u + scale * (c - u), c)  # padded ids stay -inf
 
 
 def _check(model, labels, context) -> int:
@@ -75,14 +95,23 @@ def generate(model, *, seeds: list[int], labels: torch.Tensor | None = None,
     layout, L, batch = model.layout, model.layout.block_len, len(seeds)
     device = next(model.parameters()).device
     first = _check(model, labels, context)
+    guide = _check_guidance(model, labels, sampling)
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    cache = StaticKVCache.for_model(model, batch)
+    cache = StaticKVCache.for_model(model, 2 * batch if guide else batch)
     ids, seq = _prefill_ids(model, batch, labels, context, device)
-    h = model.hidden_states(ids, 0, cache)[:, -L:]  # [B, L, d]
+    if guide:  # the unconditional twins: the same sequence with the no-condition prefix
+        unconditional = ids.clone()
+        unconditional[:, : layout.prefix_len] = layout.null_token
+        ids = torch.cat([ids, unconditional])
+    h = model.hidden_states(ids, 0, cache)[:, -L:]  # [B or 2B, L, d]
     video_start = layout.num_slots  # input position of video block 0
     for block in range(first, layout.blocks.num_blocks):
-        tokens = sample(model.logits(h), sampling, generators)  # [B, L]
+        logits = model.logits(h)
+        if guide:
+            logits = _guided(logits, batch, sampling.guidance_scale)
+        tokens = sample(logits, sampling, generators)  # [B, L]
         seq[:, block * L:(block + 1) * L] = tokens
         if block + 1 < layout.blocks.num_blocks:  # the last block is never an input
-            h = model.hidden_states(tokens, video_start + block * L, cache)
+            step_ids = torch.cat([tokens, tokens]) if guide else tokens
+            h = model.hidden_states(step_ids, video_start + block * L, cache)
     return layout.blocks.from_blocks(seq)

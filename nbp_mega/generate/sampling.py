@@ -24,6 +24,9 @@ class SamplingConfig:
     top_k: int = option(16000, "keep the k most likely tokens per position (0 = all)", min=0)
     top_p: float = option(0.9, "keep the smallest set of tokens whose probability reaches p "
                           "(1 = all)", min=0.0)
+    guidance_scale: float = option(1.0, "classifier-free guidance: logits u + s (c - u) of the "
+                                   "conditional c and unconditional u rows (1 = off; needs a "
+                                   "model trained with model.cond_dropout > 0)", min=0.0)
 
     def validate(self) -> None:
         if not 0 < self.top_p <= 1:

@@ -37,6 +37,9 @@ class ModelConfig:
     num_classes: int = option(0, "class-conditional: number of classes (0 = unconditional)",
                               min=0)
     class_tokens: int = option(1, "prefix tokens that carry the class id", min=1)
+    cond_dropout: float = option(0.0, "classifier-free guidance: training replaces a clip's "
+                                 "class prefix by a learned no-condition token with this "
+                                 "probability (0 = no such token)", min=0.0, max=1.0)
     start_block: bool = option(True, "a learned start block predicts block 0 (models the "
                                "whole clip); false = paper's K600 layout, block 0 is context")
     position: str = option("learned_1d", "learned_1d: table over sequence index (published "
@@ -70,6 +73,9 @@ class ModelConfig:
             value = getattr(self, key)
             if len(value) != 3 or min(value) < 1:
                 raise ConfigError(f"model.{key}={value}: expected 3 positive ints (T, H, W)")
+        if self.cond_dropout and not self.num_classes:
+            raise ConfigError(f"model.cond_dropout={self.cond_dropout} needs a condition to "
+                              "drop: set model.num_classes > 0 (or cond_dropout=0)")
         cfg = self.resolved()
         if cfg.hidden % cfg.heads:
             raise ConfigError(f"model.hidden={cfg.hidden} is not divisible by model.heads="

@@ -4,7 +4,9 @@ Legend: B batch; P prefix tokens; L block length; Nv video tokens; nb = Nv / L b
 S = input length; Nt = number of targets.
 
 Vocabulary (embedding rows): video codes 0..V-1, then the start token V, then class ids
-V+1..V+C. The head predicts video codes only.
+V+1..V+C, then (with model.cond_dropout > 0) the no-condition token V+1+C, which replaces the
+class prefix of dropped clips in training and of the unconditional rows of classifier-free
+guidance. The head predicts video codes only.
 
 Input  = [prefix (P)] [start block (L), if start_block] [video blocks 0 .. nb-2]
 Target =                          [video blocks 0 .. nb-1] (or 1 .. nb-1 without start)
@@ -32,7 +34,8 @@ class SequenceLayout:
         self.prefix_len = cfg.class_tokens if cfg.num_classes > 0 else 0
         self.start_token = cfg.vocab_size
         self.class_offset = cfg.vocab_size + 1
-        self.embed_vocab = cfg.vocab_size + 1 + cfg.num_classes
+        self.null_token = cfg.vocab_size + 1 + cfg.num_classes if cfg.cond_dropout else None
+        self.embed_vocab = cfg.vocab_size + 1 + cfg.num_classes + (1 if cfg.cond_dropout else 0)
         # video tokens that appear as input: all blocks but the last
         self.num_video_inputs = self.blocks.num_tokens - self.block_len
         start = self.block_len if cfg.start_block else 0
@@ -48,8 +51,21 @@ class SequenceLayout:
         """Forward passes to generate a clip from its conditioning (one per target block)."""
         return self.num_target_blocks
 
-    def build(self, tokens: torch.Tensor, labels: torch.Tensor | None = None):
-        """tokens [B, T, H, W], labels [B] -> input_ids [B, S], targets [B, Nt]."""
+    def prefix(self, labels: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """labels [B] -> class prefix ids [B, P]; rows where drop [B] is true get the
+        no-condition token instead."""
+        ids = (self.class_offset + labels)[:, None].expand(labels.shape[0], self.prefix_len)
+        if drop is None:
+            return ids
+        if self.null_token is None:
+            raise ValueError("dropping the condition needs model.cond_dropout > 0 (the model "
+                             "has no no-condition token)")
+        return torch.where(drop.to(ids.device)[:, None], self.null_token, ids)
+
+    def build(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
+              drop: torch.Tensor | None = None):
+        """tokens [B, T, H, W], labels [B] (drop [B]: rows without condition) ->
+        input_ids [B, S], targets [B, Nt]."""
         seq = self.blocks.to_blocks(tokens)  # [B, Nv]
         B, L = seq.shape[0], self.block_len
         parts = []
@@ -61,7 +77,7 @@ class SequenceLayout:
                                  f"model.num_classes, got {labels.min()}..{labels.max()} "
                                  f"(-1 is a clip without a label: train on labelled shards "
                                  f"or set model.num_classes=0)")
-            parts.append((self.class_offset + labels)[:, None].expand(B, self.prefix_len))
+            parts.append(self.prefix(labels, drop))
         if self.cfg.start_block:
             parts.append(seq.new_full((B, L), self.start_token))
             targets = seq
@@ -86,3 +102,13 @@ class SequenceLayout:
         P, L = self.prefix_len, self.block_len
         block_end = P + ((pos - P) // L + 1) * L
         return torch.where(pos < P, torch.full_like(pos, P), block_end.clamp(max=self.seq_len))
+
+
+def cond_drop_mask(seed: int, step: int, global_batch: int, first: int, count: int,
+                   p: float) -> torch.Tensor:
+    """[count] bool: which clips of this rank's slice [first, first + count) of global batch
+    `step` lose their condition (classifier-free guidance training). Drawn for the whole
+    global batch from (seed, step) alone, so it depends on neither dp nor the global RNG
+    (dropout's), and a resumed run draws the same."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return (torch.rand(global_batch, generator=gen) < p)[first:first + count]

@@ -11,6 +11,7 @@ import torch
 
 from nbp_mega.generate import SamplingConfig, StaticKVCache, filter_logits, generate, sample
 from nbp_mega.model import NBPTransformer
+from nbp_mega.model.sequence import cond_drop_mask
 from nbp_mega.parallel.layers import TensorParallel
 from tests.conftest import tiny_model_config
 
@@ -44,20 +45,27 @@ def test_cached_block_steps_equal_the_full_forward(dims, variant, block, start_b
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
-def rerun_greedy(model, labels, context_frames: int, tokens) -> torch.Tensor:
-    """The oracle: every step reruns the whole training-form sequence, no cache."""
+def rerun_greedy(model, labels, context_frames: int, tokens, scale: float = 1.0):
+    """The oracle: every step reruns the whole training-form sequence, no cache (with
+    guidance: the conditional and the unconditional sequence, combined as u + s (c - u))."""
     layout, L = model.layout, model.layout.block_len
     seq = layout.blocks.to_blocks(tokens).clone()
     first = context_frames * model.cfg.grid[1] * model.cfg.grid[2] // L
     seq[:, first * L:] = 0
     for block in range(first, layout.blocks.num_blocks):
-        input_ids, _ = layout.build(layout.blocks.from_blocks(seq), labels)
-        with torch.no_grad():
-            h = model.hidden_states(input_ids)
         P = layout.prefix_len
         target = block * L - (0 if model.cfg.start_block else L)  # target index of the block
-        logits = model.logits(h[:, P + target:P + target + L])
-        seq[:, block * L:(block + 1) * L] = logits.argmax(-1)
+        rows = [None] if scale == 1.0 else [None, torch.ones(len(seq), dtype=torch.bool)]
+        logits = []
+        for drop in rows:
+            input_ids, _ = layout.build(layout.blocks.from_blocks(seq), labels, drop)
+            with torch.no_grad():
+                h = model.hidden_states(input_ids)
+            logits.append(model.logits(h[:, P + target:P + target + L]))
+        if scale != 1.0:
+            c, u = logits
+            logits = [torch.where(torch.isfinite(c), u + scale * (c - u), c)]
+        seq[:, block * L:(block + 1) * L] = logits[0].argmax(-1)
     return layout.blocks.from_blocks(seq)
 
 
@@ -121,3 +129,37 @@ def test_conditioning_errors(dims):
     cube = build(dims, block_shape=[2, 2, 2])
     with pytest.raises(ValueError, match="multiple of the block's 2 frames"):
         generate(cube, seeds=[0], context=torch.zeros(1, 1, 4, 8, dtype=torch.long))
+
+
+def test_classifier_free_guidance_equals_the_two_sequence_oracle(dims):
+    model = build(dims, block_shape=[1, 2, 2], num_classes=3, cond_dropout=0.1)
+    labels = torch.tensor([0, 2])
+    guided = generate(model, seeds=[0, 1], labels=labels,
+                      sampling=SamplingConfig(temperature=0.0, guidance_scale=3.0))
+    zeros = torch.zeros_like(guided)
+    assert torch.equal(guided, rerun_greedy(model, labels, 0, zeros, scale=3.0))
+    plain = generate(model, seeds=[0, 1], labels=labels, sampling=GREEDY)  # scale 1: no twins
+    assert torch.equal(plain, rerun_greedy(model, labels, 0, zeros))
+    assert not torch.equal(guided, plain)
+
+
+def test_guidance_needs_a_model_trained_for_it(dims):
+    model = build(dims, num_classes=3)
+    with pytest.raises(ValueError, match="trained with model.cond_dropout > 0"):
+        generate(model, seeds=[0], labels=torch.tensor([1]),
+                 sampling=SamplingConfig(guidance_scale=2.0))
+
+
+def test_condition_dropout_mask_and_token(dims):
+    whole = cond_drop_mask(7, 12, 64, 0, 64, 0.25)
+    halves = [cond_drop_mask(7, 12, 64, 32 * r, 32, 0.25) for r in range(2)]
+    assert torch.equal(torch.cat(halves), whole)  # the same clips at any dp
+    assert not torch.equal(whole, cond_drop_mask(7, 13, 64, 0, 64, 0.25))  # a new draw a step
+    rate = torch.stack([cond_drop_mask(0, s, 64, 0, 64, 0.25) for s in range(50)]).float()
+    assert abs(rate.mean().item() - 0.25) < 0.03
+    model = build(dims, num_classes=3, cond_dropout=0.1)
+    layout = model.layout
+    assert layout.embed_vocab == build(dims, num_classes=3).layout.embed_vocab + 1
+    ids, _ = layout.build(torch.zeros(2, 2, 4, 8, dtype=torch.long), torch.tensor([1, 2]),
+                          torch.tensor([True, False]))
+    assert ids[:, 0].tolist() == [layout.null_token, layout.class_offset + 2]

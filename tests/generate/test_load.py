@@ -51,8 +51,10 @@ def validation_loss(model, cfg) -> float:
 @pytest.mark.parametrize("zero_stage", [3, 0])
 def test_trained_weights_load_and_sample(shards, tmp_path, dims, zero_stage):
     run_dir = tmp_path / "run"
+    # The ZeRO-0 run also trains for guidance: a no-condition token, dropped half the time.
+    extra = ["model.cond_dropout=0.5"] if zero_stage == 0 else []
     args = overrides(shards, run_dir, f"parallel.zero_stage={zero_stage}", "train.steps=3",
-                     "train.eval_every=0")
+                     "train.eval_every=0", *extra)
     run([sys.executable, "-m", "nbp_mega.train", f"{ROOT}/configs/tiny.yaml", *args],
         cwd=tmp_path)
     logged = read_metrics(os.path.join(run_dir, "metrics.jsonl"))[1][-1]["val_loss"]
@@ -62,7 +64,8 @@ def test_trained_weights_load_and_sample(shards, tmp_path, dims, zero_stage):
         return
     out = tmp_path / "samples.npy"
     proc = subprocess.run([sys.executable, f"{ROOT}/tools/sample.py", str(run_dir), "--out",
-                           str(out), "--num", "3", "--seed", "5", "--temperature", "0"],
+                           str(out), "--num", "3", "--seed", "5", "--temperature", "0",
+                           "--guidance-scale", "2"],
                           capture_output=True, text=True, timeout=300,
                           env={k: v for k, v in os.environ.items() if k not in (
                               "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
@@ -72,7 +75,7 @@ def test_trained_weights_load_and_sample(shards, tmp_path, dims, zero_stage):
     meta = json.loads((tmp_path / "samples.npy.json").read_text())
     assert meta["seeds"] == [5, 6, 7] and meta["labels"] == [0, 1, 2]
     expected = generate(model, seeds=[5, 6, 7], labels=torch.tensor([0, 1, 2]),
-                        sampling=SamplingConfig(temperature=0.0))
+                        sampling=SamplingConfig(temperature=0.0, guidance_scale=2.0))
     assert np.array_equal(tokens, expected.numpy())
 
 
