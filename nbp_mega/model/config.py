@@ -37,6 +37,16 @@ class ModelConfig:
     num_classes: int = option(0, "class-conditional: number of classes (0 = unconditional)",
                               min=0)
     class_tokens: int = option(1, "prefix tokens that carry the class id", min=1)
+    text_len: int = option(0, "text-conditional: a prefix of this many text ids (bos + ids, "
+                           "truncated, padded with eos; the paper's UCF models: 8); 0 = none",
+                           min=0)
+    text_vocab: int = option(0, "text tokenizer's vocabulary size (rows of the embedding for "
+                             "text ids); needed with model.text_len > 0", min=0)
+    text_bos_id: int = option(1, "text tokenizer's bos id (LLaMA's and ours: 1)", min=0)
+    text_eos_id: int = option(2, "text tokenizer's eos id, also the text padding (2)", min=0)
+    hybrid_start: bool = option(False, "the paper's UCF hybrid start: a BOV token, block 0 "
+                                "generated token by token, then blocks (16 + 79 = 95 steps "
+                                "for 5x16x16 rows); needs model.start_block=true")
     cond_dropout: float = option(0.0, "classifier-free guidance: training replaces a clip's "
                                  "class prefix by a learned no-condition token with this "
                                  "probability (0 = no such token)", min=0.0, max=1.0)
@@ -73,9 +83,24 @@ class ModelConfig:
             value = getattr(self, key)
             if len(value) != 3 or min(value) < 1:
                 raise ConfigError(f"model.{key}={value}: expected 3 positive ints (T, H, W)")
-        if self.cond_dropout and not self.num_classes:
+        if self.cond_dropout and not (self.num_classes or self.text_len):
             raise ConfigError(f"model.cond_dropout={self.cond_dropout} needs a condition to "
-                              "drop: set model.num_classes > 0 (or cond_dropout=0)")
+                              "drop: set model.num_classes > 0 or model.text_len > 0 (or "
+                              "cond_dropout=0)")
+        if self.num_classes and self.text_len:
+            raise ConfigError(f"model.num_classes={self.num_classes} and model.text_len="
+                              f"{self.text_len}: a model is class- or text-conditional, not "
+                              "both (the paper's UCF models give the class name as text)")
+        if self.text_len and not self.text_vocab:
+            raise ConfigError(f"model.text_len={self.text_len} needs model.text_vocab, the text "
+                              "tokenizer's vocabulary size")
+        if self.text_len and max(self.text_bos_id, self.text_eos_id) >= self.text_vocab:
+            raise ConfigError(f"model.text_bos_id={self.text_bos_id} / text_eos_id="
+                              f"{self.text_eos_id}: expected ids below model.text_vocab="
+                              f"{self.text_vocab}")
+        if self.hybrid_start and not self.start_block:
+            raise ConfigError("model.hybrid_start=true models the whole clip from a BOV token: "
+                              "it needs model.start_block=true")
         cfg = self.resolved()
         if cfg.hidden % cfg.heads:
             raise ConfigError(f"model.hidden={cfg.hidden} is not divisible by model.heads="

@@ -97,16 +97,26 @@ class TextTokenizer:
 
     def encode_fixed(self, texts: list[str], length: int, *, pad_id: int | None = None
                      ) -> np.ndarray:
-        """int32 [N, S]: bos + ids + eos, truncated to S (keeping the eos last), then padded
-        with `pad_id` (default: the eos id, as the NBP paper did)."""
-        if length < 2:
-            raise TextTokenizerError(f"length {length}: need room for bos and eos (>= 2)")
-        pad = self.eos_id if pad_id is None else pad_id
-        out = np.full((len(_as_list(texts)), length), pad, dtype=np.int32)
-        for n, ids in enumerate(self.encode(texts)):
-            row = [self.bos_id] + ids[: length - 2] + [self.eos_id]
-            out[n, : len(row)] = row
-        return out
+        """int32 [N, S] in the NBP paper's form (`fixed_text_ids`): bos + ids, truncated to S
+        with no eos kept, right-padded with `pad_id` (default: the eos id)."""
+        return np.stack([fixed_text_ids(ids, length, bos_id=self.bos_id, eos_id=self.eos_id,
+                                        pad_id=pad_id) for ids in self.encode(texts)]) \
+            if texts else np.zeros((0, length), dtype=np.int32)
+
+
+def fixed_text_ids(ids, length: int, *, bos_id: int, eos_id: int,
+                   pad_id: int | None = None) -> np.ndarray:
+    """int32 [S] ids of one text (no special tokens, as stored in shards' .text.npy) in the
+    paper's form, transformers' slow LlamaTokenizer with pad = eos, padding to max_length and
+    truncation: [bos] + ids + [eos], truncated to S (so a text of S - 1 or more pieces keeps no
+    eos), then right-padded with `pad_id` (default: eos)."""
+    if length < 2:
+        raise TextTokenizerError(f"text length {length}: expected >= 2 (bos and some text)")
+    pad = eos_id if pad_id is None else pad_id
+    row = ([bos_id] + [int(i) for i in ids] + [eos_id])[:length]
+    out = np.full(length, pad, dtype=np.int32)
+    out[: len(row)] = row
+    return out
 
 
 def _as_list(texts) -> list[str]:

@@ -14,6 +14,7 @@ from nbp_mega.tokenizer.text import (
     TextTokenizer,
     TextTokenizerError,
     class_name_to_text,
+    fixed_text_ids,
     train_text_tokenizer,
 )
 
@@ -58,14 +59,20 @@ def test_train_load_encode_decode(model_path):
 
 
 def test_encode_fixed_truncates_and_pads_like_the_paper(model_path):
+    """transformers' slow LlamaTokenizer, pad = eos, padding to max_length, truncation: a
+    short text is bos + ids + eos + eos...; a long one is bos + its first S - 1 ids, no eos."""
     tok = TextTokenizer(model_path)
+    short, long = tok.encode(["yo yo", CAPTIONS[3]])
+    assert len(short) <= 6 and len(long) > 7  # the two cases this test is about
     fixed = tok.encode_fixed(["yo yo", CAPTIONS[3]], 8)
     assert fixed.dtype == np.int32 and fixed.shape == (2, 8)
-    assert fixed[0, 0] == tok.bos_id and fixed[1, -1] == tok.eos_id  # eos kept when cut
-    short = tok.encode(["yo yo"])[0]
-    assert fixed[0, 1:1 + len(short)].tolist() == short
-    assert (fixed[0, 1 + len(short):] == tok.eos_id).all()  # padded with eos
-    assert (tok.encode_fixed(["yo yo"], 8, pad_id=tok.pad_id)[0, 2 + len(short):] == 3).all()
+    assert fixed[0].tolist() == [tok.bos_id] + short + [tok.eos_id] * (7 - len(short))
+    assert fixed[1].tolist() == [tok.bos_id] + long[:7]  # truncated: no eos kept
+    assert (tok.encode_fixed(["yo yo"], 8, pad_id=tok.pad_id)[0].tolist()
+            == [tok.bos_id] + short + [tok.eos_id] + [tok.pad_id] * (6 - len(short)))
+    # exactly S - 1 pieces: the eos falls off too
+    exact = fixed_text_ids(long[:7], 8, bos_id=1, eos_id=2)
+    assert exact.tolist() == [1] + long[:7]
     with pytest.raises(TextTokenizerError, match=">= 2"):
         tok.encode_fixed(["yo yo"], 1)
 
