@@ -101,6 +101,8 @@ class Trainer:
 
     def _to_device(self, batch, drop=None):
         tokens = batch.tokens.to(self.dims.device, non_blocking=True)
+        if self.layout.text_len:  # text-conditional: the shards' .text.npy, in fixed form
+            return self.layout.build(tokens, drop=drop, text=batch.text.to(self.dims.device))
         labels = batch.labels.to(self.dims.device) if self.layout.prefix_len else None
         return self.layout.build(tokens, labels, drop)
 

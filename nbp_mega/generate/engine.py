@@ -1,18 +1,21 @@
 """Block-parallel generation: one forward step per block, against a static KV cache.
 
-Legend: B batch; P prefix tokens; L block length; nb video blocks; K given (context) blocks;
-T, H, W latent grid; V vocabulary.
+Legend: B batch; P prefix tokens; L block length; n targets of a step (L, or 1 in the hybrid
+start's block 0); K given latent frames; T, H, W latent grid; V vocabulary.
 
-The first step prefills the whole conditioning in one forward, exactly as training sees it:
-[class prefix][start block, if the model has one][given video blocks]. Its last L positions
-give the logits of the next block; every later step feeds exactly the block just sampled at
-its own positions, its queries attending to the cache plus the block itself (bidirectional
-inside it), and returns the logits of the block after it. A clip of nb blocks with K given
-takes nb - K steps, whatever the block length (NTP: L = 1, one step per token).
+The first step prefills the whole conditioning in one forward, exactly as training sees it
+(`SequenceLayout.build`: the class or text prefix, the start slots, the given video blocks as
+ordinary block-causal blocks). The last n positions of each step predict the next n targets;
+every later step feeds exactly the inputs of the next window (`generation_windows`: the block
+just sampled, or in the hybrid start one token, then [token L-1, middles]), its queries
+attending to the cache plus the window itself (bidirectional inside a block). Inputs are a
+gather from one id buffer [prefix | fixed slots | video], so nothing is concatenated or
+reallocated per step. A clip of nb blocks with K frames given takes one step per remaining
+block (NTP: L = 1, one step per token; hybrid: L steps for block 0, then one per block).
 
 Classifier-free guidance (sampling.guidance_scale != 1) runs the conditional rows and their
-unconditional twins (class prefix replaced by the no-condition token) as one batch of 2B
-through every forward, and samples from u + s (c - u).
+unconditional twins (prefix replaced by the no-condition token) as one batch of 2B through
+every forward, and samples from u + s (c - u).
 """
 
 from __future__ import annotations
@@ -24,94 +27,91 @@ from nbp_mega.generate.kv_cache import StaticKVCache
 from nbp_mega.generate.sampling import SamplingConfig, sample
 
 
-def _check_guidance(model, labels, sampling: SamplingConfig) -> bool:
+def _check_guidance(model, sampling: SamplingConfig) -> bool:
     """Whether this call guides; refuses guidance the model was not trained for."""
     if sampling.guidance_scale == 1.0:
         return False
-    if labels is None or model.layout.null_token is None:
-        raise ValueError(f"sampling.guidance_scale={sampling.guidance_scale} needs a "
-                         "class-conditional model trained with model.cond_dropout > 0")
+    if model.layout.null_token is None:
+        raise ValueError(f"sampling.guidance_scale={sampling.guidance_scale} needs a class- or "
+                         "text-conditional model trained with model.cond_dropout > 0")
     return True
 
 
 def _guided(logits: torch.Tensor, batch: int, scale: float) -> torch.Tensor:
-    """[2B, L, V] (conditional rows, then unconditional) -> u + scale (c - u) [B, L, V]."""
+    """[2B, n, V] (conditional rows, then unconditional) -> u + scale (c - u) [B, n, V]."""
     c, u = logits[:batch], logits[batch:]
     return torch.where(torch.isfinite(c), u + scale * (c - u), c)  # padded ids stay -inf
 
 
-def _check(model, labels, context) -> int:
-    """Validate the conditioning; return K, the number of given blocks."""
+def _check(model, context) -> int:
+    """Validate the given frames; return how many targets they fix."""
     layout, cfg = model.layout, model.cfg
     if model.tp_size != 1:
         raise ConfigError("generation runs at parallel.tensor=1 for now (tensor-parallel "
                           "sampling gathers the vocabulary shards: not built yet)")
-    if (labels is None) != (layout.prefix_len == 0):
-        raise ValueError(f"model.num_classes={cfg.num_classes}: pass labels exactly when the "
-                         "model is class-conditional")
     given = 0 if context is None else context.shape[1]
     bt = layout.blocks.block[0]
     if given % bt or given >= cfg.grid[0]:
         raise ValueError(f"context of {given} latent frames: expected a multiple of the "
                          f"block's {bt} frames, fewer than the grid's {cfg.grid[0]}")
+    if context is not None and (context.dim() != 4 or tuple(context.shape[2:]) != tuple(
+            cfg.grid[1:]) or context.min() < 0 or context.max() >= cfg.vocab_size):
+        raise ValueError(f"context tokens {list(context.shape)}: expected [B, K, {cfg.grid[1]}"
+                         f", {cfg.grid[2]}] ids in [0, {cfg.vocab_size}) = model.vocab_size")
     if not cfg.start_block and given == 0:
         raise ValueError("model.start_block=false (the K600 layout): block 0 is context only; "
                          "give at least the first latent frame(s) as context")
-    return given * cfg.grid[1] * cfg.grid[2] // layout.block_len
+    return given * cfg.grid[1] * cfg.grid[2] - layout.target_offset
 
 
-def _prefill_ids(model, batch: int, labels, context, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prefill input ids [B, S0], the video sequence [B, Nv] with the context filled in)."""
+def _id_buffer(model, batch: int, labels, text, context, guide: bool, device) -> torch.Tensor:
+    """[B or 2B, P + F + Nv]: prefix, fixed slots and the video (context filled in); the
+    unconditional twins of guidance have the no-condition prefix."""
     layout = model.layout
     seq = torch.zeros(batch, layout.blocks.num_tokens, dtype=torch.long, device=device)
-    parts = []
-    if layout.prefix_len:
-        parts.append((layout.class_offset + labels.to(device))[:, None]
-                     .expand(batch, layout.prefix_len))
-    if model.cfg.start_block:
-        parts.append(seq.new_full((batch, layout.block_len), layout.start_token))
     if context is not None:
-        blocks = context.shape[1] * context.shape[2] * context.shape[3]
-        # the first K blocks of the block order are exactly the first frames (bt divides K)
+        # the first K frames are the first blocks of the block order (bt divides K)
         full = torch.zeros(batch, *model.cfg.grid, dtype=torch.long, device=device)
         full[:, : context.shape[1]] = context.to(device)
-        seq[:, :blocks] = layout.blocks.to_blocks(full)[:, :blocks]
-        parts.append(seq[:, :blocks])
-    return torch.cat(parts, dim=1), seq
+        given = context.shape[1] * context.shape[2] * context.shape[3]
+        seq[:, :given] = layout.blocks.to_blocks(full)[:, :given]
+    prefix = layout.prefix_ids(labels, text, batch=batch)
+    if guide:
+        drop = torch.arange(2 * batch) >= batch
+        prefix = layout.prefix_ids(None if labels is None else labels.repeat(2),
+                                   None if text is None else text.repeat(2, 1), drop)
+        seq = seq.repeat(2, 1)
+    return layout.id_buffer(prefix.to(device), seq)
 
 
 @torch.no_grad()
 def generate(model, *, seeds: list[int], labels: torch.Tensor | None = None,
-             context: torch.Tensor | None = None,
+             text: torch.Tensor | None = None, context: torch.Tensor | None = None,
              sampling: SamplingConfig | None = None) -> torch.Tensor:
     """Sample len(seeds) clips -> token grids [B, T, H, W].
 
-    labels [B] class ids (class-conditional models); context [B, K, H, W] the first K latent
-    frames, given (frame prediction; K a multiple of the block's frames). Sample b depends
-    only on seeds[b] and its own conditioning.
+    labels [B] class ids (class-conditional models); text [B, model.text_len] text ids in
+    fixed form (text-conditional models: `TextTokenizer.encode_fixed`); context [B, K, H, W]
+    the first K latent frames, given (frame prediction; K a multiple of the block's frames).
+    Sample b depends only on seeds[b] and its own conditioning.
     """
     sampling = sampling or SamplingConfig()
     model.eval()
-    layout, L, batch = model.layout, model.layout.block_len, len(seeds)
+    layout, batch = model.layout, len(seeds)
     device = next(model.parameters()).device
-    first = _check(model, labels, context)
-    guide = _check_guidance(model, labels, sampling)
+    first = _check(model, context)
+    guide = _check_guidance(model, sampling)
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    cache = StaticKVCache.for_model(model, 2 * batch if guide else batch)
-    ids, seq = _prefill_ids(model, batch, labels, context, device)
-    if guide:  # the unconditional twins: the same sequence with the no-condition prefix
-        unconditional = ids.clone()
-        unconditional[:, : layout.prefix_len] = layout.null_token
-        ids = torch.cat([ids, unconditional])
-    h = model.hidden_states(ids, 0, cache)[:, -L:]  # [B or 2B, L, d]
-    video_start = layout.num_slots  # input position of video block 0
-    for block in range(first, layout.blocks.num_blocks):
+    ids = _id_buffer(model, batch, labels, text, context, guide, device)
+    cache = StaticKVCache.for_model(model, ids.shape[0])
+    source = layout.input_source.to(device)
+    video = ids[:, layout.prefix_len + len(layout.fixed_ids):]  # a view: samples land in ids
+    for lo, hi, n in layout.generation_windows(first):
+        h = model.hidden_states(ids[:, source[lo:hi]], lo, cache)[:, -n:]
         logits = model.logits(h)
         if guide:
             logits = _guided(logits, batch, sampling.guidance_scale)
-        tokens = sample(logits, sampling, generators)  # [B, L]
-        seq[:, block * L:(block + 1) * L] = tokens
-        if block + 1 < layout.blocks.num_blocks:  # the last block is never an input
-            step_ids = torch.cat([tokens, tokens]) if guide else tokens
-            h = model.hidden_states(step_ids, video_start + block * L, cache)
-    return layout.blocks.from_blocks(seq)
+        tokens = sample(logits, sampling, generators)  # [B, n]
+        target = hi - n - layout.prefix_len + layout.target_offset  # video index of the first
+        video[:, target:target + n] = tokens.repeat(2, 1) if guide else tokens
+    return layout.blocks.from_blocks(video[:batch])

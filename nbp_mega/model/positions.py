@@ -1,7 +1,7 @@
 """Position information: learned 1-D, learned 3-D (t, h, w) and 3-D rotary.
 
-Legend: S input length; d model width; D head dim; N heads; P slots before the video
-(prefix + start block); (t, h, w) latent coordinates of a video token.
+Legend: S input length; d model width; D head dim; N heads; P slots (prefix and fixed slots:
+start block, or BOV and middles); (t, h, w) latent coordinates of a video token.
 
 Every module maps a window [start, start + S) of input positions to what the attention or
 the embedding sum needs, so a KV-cached generator can ask for one block at a time.
@@ -27,7 +27,7 @@ class LearnedPositions1D(nn.Module):
 
 
 class LearnedPositions3D(nn.Module):
-    """Slot table for prefix/start positions; t + h + w tables for video tokens."""
+    """A slot table for the prefix and fixed slots; t + h + w tables for video tokens."""
 
     def __init__(self, layout: SequenceLayout, dim: int, init_std: float):
         super().__init__()
@@ -36,14 +36,14 @@ class LearnedPositions3D(nn.Module):
         self.t = nn.Parameter(torch.randn(T, dim) * init_std)
         self.h = nn.Parameter(torch.randn(H, dim) * init_std)
         self.w = nn.Parameter(torch.randn(W, dim) * init_std)
-        self.num_slots = layout.num_slots
-        self.register_buffer("coords", layout.video_coords.clone(), persistent=False)
+        self.register_buffer("slot_index", layout.slot_index.clone(), persistent=False)  # [S]
+        self.register_buffer("coords", layout.input_coords.clamp(min=0), persistent=False)
 
     def forward(self, start: int, length: int) -> torch.Tensor:  # -> [S, d]
-        c = self.coords
-        video = self.t[c[:, 0]] + self.h[c[:, 1]] + self.w[c[:, 2]]  # [Nv - L, d]
-        table = torch.cat([self.slots[: self.num_slots], video], dim=0)
-        return table[start : start + length]
+        slot = self.slot_index[start : start + length]
+        c = self.coords[start : start + length]
+        video = self.t[c[:, 0]] + self.h[c[:, 1]] + self.w[c[:, 2]]
+        return torch.where(slot[:, None] >= 0, self.slots[slot.clamp(min=0)], video)
 
 
 class Rotary3D(nn.Module):
@@ -58,9 +58,8 @@ class Rotary3D(nn.Module):
         super().__init__()
         pairs = head_dim // 2
         sections = [pairs - 2 * (pairs // 3), pairs // 3, pairs // 3]  # t gets the remainder
-        P = layout.num_slots
-        slot = torch.arange(P)[:, None].expand(P, 3)
-        pos = torch.cat([slot, layout.video_coords + P], dim=0).float()  # [S, 3]
+        slot = layout.slot_index[:, None].expand(-1, 3)
+        pos = torch.where(slot >= 0, slot, layout.input_coords + layout.num_slots).float()
         angles = []
         for axis, n in enumerate(sections):
             inv_freq = theta ** (-torch.arange(n, dtype=torch.float64) / max(n, 1))

@@ -44,7 +44,7 @@ class Attention(nn.Module):
         # Rows ordered [N, 3, D]: a contiguous TP split hands each rank whole heads' q, k, v.
         self.qkv = tp.column(cfg.hidden, 3 * cfg.hidden, bias=bias)
         self.proj = tp.row(cfg.hidden, cfg.hidden, bias=bias)
-        self.block_len, self.prefix_len = layout.block_len, layout.prefix_len
+        self.ranges = layout.attention_ranges
 
     def forward(self, x: torch.Tensor, rope: Rotary3D | None, start: int,
                 cache=None) -> torch.Tensor:
@@ -58,8 +58,22 @@ class Attention(nn.Module):
             q, k = rope(q, start), rope(k, start)
         if cache is not None:
             k, v = cache.update(k, v, start)  # [B, Nl, S_max, D]
-        out = block_causal_attention(q, k, v, self.block_len, self.prefix_len, start)
+        out = self._attend(q, k, v, start)
         return self.proj(out.transpose(1, 2).reshape(B, S, self.local_heads * self.head_dim))
+
+
+    def _attend(self, q, k, v, start: int) -> torch.Tensor:
+        """Queries at [start, start + Sq), through each attention regime they fall in (one,
+        except the hybrid start's token-by-token range and the blocks after it)."""
+        outs, end = [], start + q.shape[2]
+        for lo, hi, block_len, prefix_len in self.ranges:
+            a, b = max(lo, start), min(hi, end)
+            if a >= b:
+                continue
+            keys = min(k.shape[2], hi)  # keys past the regime are never visible in it
+            outs.append(block_causal_attention(q[:, :, a - start:b - start], k[:, :, :keys],
+                                               v[:, :, :keys], block_len, prefix_len, a))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
 class MLP(nn.Module):

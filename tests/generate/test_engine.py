@@ -121,8 +121,17 @@ def test_sampling_follows_the_distribution():
 
 def test_conditioning_errors(dims):
     model = build(dims, num_classes=3)
-    with pytest.raises(ValueError, match="pass labels exactly when"):
+    with pytest.raises(ValueError, match="model.num_classes > 0 but the batch has no labels"):
         generate(model, seeds=[0])
+    with pytest.raises(ValueError, match=r"class labels must be in \[0, 3\)"):
+        generate(model, seeds=[0], labels=torch.tensor([3]))
+    with pytest.raises(ValueError, match="not class-conditional"):
+        generate(build(dims), seeds=[0], labels=torch.tensor([0]))
+    with pytest.raises(ValueError, match="not text-conditional"):
+        generate(model, seeds=[0], labels=torch.tensor([0]), text=torch.ones(1, 4).long())
+    with pytest.raises(ValueError, match=r"ids in \[0, 50\)"):
+        generate(model, seeds=[0], labels=torch.tensor([0]),
+                 context=torch.full((1, 1, 4, 8), 50, dtype=torch.long))
     k600 = build(dims, start_block=False)
     with pytest.raises(ValueError, match="block 0 is context only"):
         generate(k600, seeds=[0])
