@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from nbp_mega.checkpoint import Checkpointer
     from nbp_mega.config import dump_config, load_config
-    from nbp_mega.data.loader import build_loaders
+    from nbp_mega.data.loader import TextSpec, build_loaders
     from nbp_mega.info import full_parameter_counts, training_flops_per_token
     from nbp_mega.metrics import MetricsLogger
     from nbp_mega.model import NBPTransformer
@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
                                       dp_rank=dims.dp_rank, dp_size=dims.dp,
                                       grid=tuple(cfg.model.grid),
                                       vocab_size=cfg.model.vocab_size,
-                                      saved_streams=saved_streams)
+                                      saved_streams=saved_streams,
+                                      text=TextSpec.from_model(cfg.model))
 
     torch.manual_seed(cfg.seed)  # same on every rank: TP shards are cut from one full init
     model = NBPTransformer(cfg.model, TensorParallel(dims, init_std=cfg.model.init_std))

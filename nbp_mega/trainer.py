@@ -166,7 +166,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float | None:
         """Mean validation loss per target token over train.eval_batches global batches."""
-        from nbp_mega.data.loader import eval_batches
+        from nbp_mega.data.loader import TextSpec, eval_batches
 
         if self.val_index is None:
             return None
@@ -177,7 +177,8 @@ class Trainer:
                                   dp_rank=self.dims.dp_rank, dp_size=self.dims.dp,
                                   max_batches=self.cfg.train.eval_batches,
                                   grid=tuple(self.cfg.model.grid),
-                                  vocab_size=self.cfg.model.vocab_size):
+                                  vocab_size=self.cfg.model.vocab_size,
+                                  text=TextSpec.from_model(self.cfg.model)):
             input_ids, targets = self._to_device(batch)
             for rows in torch.split(torch.arange(input_ids.shape[0]), self.micro):
                 token_loss = self.engine(input_ids[rows], targets[rows])  # [m, Nt]

@@ -6,6 +6,7 @@ b = G / dp local batch of one data-parallel rank; T, H, W latent grid.
 Training streams shards (stream.py: a global order independent of dp, resumable on any dp
 dividing G);
 validation reads a ShardIndex by random access in index order, split over ranks like training.
+Both give Batch.text, the fixed-form text ids, when given a TextSpec (a text-conditional model).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from nbp_mega.config_fields import ConfigError, option
 from nbp_mega.data.shards import (
     ShardError,
     ShardIndex,
+    TextSpec,
     check_meta,
     check_tokens,
     expand_shards,
@@ -85,35 +87,41 @@ class _EvalBatches(Sampler):
 
 # -- reading ---------------------------------------------------------------------------------
 class _TokenDataset(Dataset):
-    """Map-style: sample id -> (tokens [T, H, W] int64, label, global key), checked."""
+    """Map-style: sample id -> (tokens [T, H, W] int64, label, global key, text [S] int64 or
+    None), checked."""
 
-    def __init__(self, index: ShardIndex, grid: tuple[int, int, int], vocab_size: int):
-        self.index, self.grid, self.vocab_size = index, tuple(grid), vocab_size
+    def __init__(self, index: ShardIndex, grid: tuple[int, int, int], vocab_size: int,
+                 text: TextSpec | None):
+        self.index, self.grid, self.vocab_size, self.text = index, tuple(grid), vocab_size, text
 
     def __len__(self) -> int:
         return len(self.index)
 
     def __getitem__(self, i: int):
-        sample = self.index.read(i)
+        sample = self.index.read(i, text=self.text is not None)
         where = self.index.where(i)
         tokens = check_tokens(sample.tokens, grid=self.grid, vocab_size=self.vocab_size,
                               where=where)
-        return torch.from_numpy(tokens), check_meta(sample.meta, where=where), sample.key
+        text = None if self.text is None else torch.from_numpy(
+            self.text.fixed(sample.text, where=where))
+        return torch.from_numpy(tokens), check_meta(sample.meta, where=where), sample.key, text
 
 
 def _collate(items) -> Batch:
-    tokens, labels, keys = zip(*items, strict=True)
+    tokens, labels, keys, text = zip(*items, strict=True)
     return Batch(tokens=torch.stack(tokens), labels=torch.tensor(labels, dtype=torch.long),
-                 keys=list(keys), first_position=-1)
+                 keys=list(keys), first_position=-1,
+                 text=None if text[0] is None else torch.stack(text))
 
 
 # -- validation and wiring -------------------------------------------------------------------
 def eval_batches(index: ShardIndex, *, batch_size: int, dp_rank: int, dp_size: int,
                  max_batches: int, grid: tuple[int, int, int], vocab_size: int,
-                 num_workers: int = 0):
+                 num_workers: int = 0, text: TextSpec | None = None):
     """Batches of the first max_batches*batch_size samples in index order, split like training.
 
     Only whole batches are used: a validation set smaller than one batch is an error.
+    `text`: the model's text prefix (TextSpec.from_model(cfg.model)); None = no Batch.text.
     """
     num = min(max_batches, len(index) // batch_size)
     if num < 1:
@@ -126,7 +134,7 @@ def eval_batches(index: ShardIndex, *, batch_size: int, dp_rank: int, dp_size: i
                            dp_size=dp_size)
     # A private generator: starting workers must not draw from the global torch RNG (the
     # dropout stream), or resuming would not be exact.
-    batches = iter(DataLoader(_TokenDataset(index, grid, vocab_size), batch_sampler=sampler,
+    batches = iter(DataLoader(_TokenDataset(index, grid, vocab_size, text), batch_sampler=sampler,
                               num_workers=num_workers, collate_fn=_collate,
                               generator=torch.Generator().manual_seed(0)))
     try:
@@ -136,12 +144,16 @@ def eval_batches(index: ShardIndex, *, batch_size: int, dp_rank: int, dp_size: i
 
 
 def build_loaders(cfg: DataConfig, *, seed: int, global_batch: int, dp_rank: int, dp_size: int,
-                  grid: tuple[int, int, int], vocab_size: int, saved_streams: int = 0):
+                  grid: tuple[int, int, int], vocab_size: int, saved_streams: int = 0,
+                  text: TextSpec | None = None):
     """(training StreamLoader, validation ShardIndex or None) from the data config.
 
     `saved_streams`: V of the checkpoint being resumed (0 = a fresh run: V from the global batch
     and the shard count, never from dp, so every dp dividing the global batch sees the same
     batches, on a fresh run as on a resume).
+    `text`: the model's text prefix (TextSpec.from_model(cfg.model); None = a model without
+    text): training batches carry Batch.text, and validation shards are checked to hold text
+    for every sample (from the index, nothing read); give eval_batches the same spec.
     """
     if not cfg.shards:
         raise ConfigError("data.shards is empty: give a directory, glob or brace pattern of "
@@ -158,8 +170,18 @@ def build_loaders(cfg: DataConfig, *, seed: int, global_batch: int, dp_rank: int
                       shuffle=cfg.shuffle, num_streams=streams,
                       per_stream=global_batch // streams,
                       buffer=cfg.shuffle_buffer if cfg.shuffle else 1, grid=tuple(grid),
-                      vocab_size=vocab_size)
+                      vocab_size=vocab_size, text=text)
     loader = StreamLoader(spec, global_batch=global_batch, dp_rank=dp_rank, dp_size=dp_size,
                           num_workers=cfg.num_workers)
     val_index = ShardIndex.build(expand_shards(cfg.val_shards)) if cfg.val_shards else None
+    if text is not None and val_index is not None:
+        check_index_has_text(val_index, text, what="data.val_shards")
     return loader, val_index
+
+
+def check_index_has_text(index: ShardIndex, text: TextSpec, *, what: str) -> None:
+    """Fail now, not at the first evaluation, if samples of a text model's shards lack text."""
+    missing = index.without_text()
+    if len(missing):
+        raise ShardError(f"{what}: {len(missing)} of {len(index)} samples have no text; the "
+                         f"first: {text.missing(index.where(int(missing[0])))}")

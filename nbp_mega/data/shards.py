@@ -6,7 +6,7 @@ Shard format
 ------------
 A shard is an uncompressed POSIX tar file in webdataset layout, one sample per video clip.
 A member's sample key is its name up to the first dot of its last path component; the rest
-(after that dot) is its extension. A sample is made of two members:
+(after that dot) is its extension. A sample is made of two members, and optionally a third:
 
     <key>.tokens.npy  `np.save` of an integer array [T, H, W]: the latent token grid of the
                       clip. Writers use the smallest unsigned dtype that holds the codebook
@@ -15,7 +15,12 @@ A member's sample key is its name up to the first dot of its last path component
     <key>.json        UTF-8 JSON object with at least
                           "label":  int, the class id (-1 = no label)
                           "source": str, where the clip came from (file, frame range, ...)
-                      and optionally "label_name": str.
+                      and optionally "label_name": str, "text": str.
+    <key>.text.npy    optional (written with --text-tokenizer): `np.save` of an integer array
+                      [n], the raw sentencepiece ids of the sample's text (caption or class
+                      name), no special tokens; a text-conditional model needs it in every
+                      sample and turns it into its fixed form (`TextSpec`: bos + ids,
+                      truncated, eos-padded). A model without text ignores it.
 
 Rules: keys contain no dots and are unique within a shard; the members of one sample are
 stored next to each other (as webdataset expects); other members (e.g. <key>.mp4) are allowed
@@ -46,8 +51,14 @@ from dataclasses import dataclass
 import numpy as np
 from braceexpand import braceexpand
 
+from nbp_mega.tokenizer.text import fixed_text_ids
+
 TOKENS_EXT = "tokens.npy"
 META_EXT = "json"
+TEXT_EXT = "text.npy"  # optional member
+_EXTS = (TOKENS_EXT, META_EXT, TEXT_EXT)
+_NO_TEXT = (-1, 0)  # (offset, size) in the index of a sample without a text member
+_MAX_GAP = 1 << 16  # bytes between a sample's members still read in one go (tar headers)
 _MAX_OPEN_FILES = 8  # per process: an index may span thousands of shards
 
 
@@ -60,6 +71,7 @@ class Sample:
     key: str  # global key "<shard>/<key>"
     tokens: np.ndarray  # [T, H, W] integer token ids, dtype as stored
     meta: dict  # the sample's JSON object
+    text: np.ndarray | None = None  # [n] raw text ids as stored (read only when asked)
 
 
 # -- shard specs -----------------------------------------------------------------------------
@@ -127,8 +139,9 @@ def _split_member(name: str) -> tuple[str, str]:
     return (f"{head}/{stem}" if head else stem), ext
 
 
-def _scan_shard(path: str) -> list[tuple[str, int, int, int, int]]:
-    """[(key, tokens offset, tokens size, json offset, json size)] of a shard, in tar order."""
+def _scan_shard(path: str) -> list[tuple[str, int, int, int, int, int, int]]:
+    """[(key, tokens offset, size, json offset, size, text offset, size)] of a shard, in tar
+    order; a sample without a text member has text (offset, size) = (-1, 0)."""
     try:
         file_size = os.path.getsize(path)
         with tarfile.open(path, mode="r:") as tar:
@@ -145,7 +158,7 @@ def _scan_shard(path: str) -> list[tuple[str, int, int, int, int]]:
             if ext not in found:
                 raise ShardError(f"shard {path} sample '{key}': has no '{key}.{ext}' member; "
                                  f"expected both {key}.{TOKENS_EXT} and {key}.{META_EXT}")
-        rows.append((key, *found[TOKENS_EXT], *found[META_EXT]))
+        rows.append((key, *found[TOKENS_EXT], *found[META_EXT], *found.get(TEXT_EXT, _NO_TEXT)))
     return rows
 
 
@@ -157,8 +170,8 @@ def _sample_members(tar: tarfile.TarFile, path: str, file_size: int) -> dict:
         if not m.isfile():
             continue
         key, ext = _split_member(m.name)
-        if ext not in (TOKENS_EXT, META_EXT):
-            if m.name.endswith((f".{TOKENS_EXT}", f".{META_EXT}")):
+        if ext not in _EXTS:
+            if m.name.endswith(tuple(f".{e}" for e in _EXTS)):
                 raise ShardError(f"shard {path} member '{m.name}': sample keys must not contain "
                                  f"dots (expected <key>.{TOKENS_EXT} / <key>.{META_EXT})")
             continue
@@ -203,7 +216,7 @@ class ShardIndex:
         self.names = list(names)  # [num shards] unique display names
         self._shard = shard  # [N] int32: shard number of each sample
         self._keys = keys  # [N] key inside its shard
-        self._spans = spans  # [N, 4] int64: tokens offset, size, json offset, size
+        self._spans = spans  # [N, 6] int64: tokens, json, text (offset, size); no text: -1, 0
         self._files: OrderedDict = OrderedDict()
         self._pid = os.getpid()
         self._digest: str | None = None
@@ -221,7 +234,7 @@ class ShardIndex:
                 keys.append(key)
                 spans.append(span)
         return cls(paths, names, np.asarray(shard, dtype=np.int32), keys,
-                   np.asarray(spans, dtype=np.int64).reshape(-1, 4))
+                   np.asarray(spans, dtype=np.int64).reshape(-1, 6))
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -249,16 +262,36 @@ class ShardIndex:
             self._digest = h.hexdigest()[:16]
         return self._digest
 
-    def read(self, i: int) -> Sample:
-        """Sample i, read with two seek+reads; decoding errors name the shard and key."""
+    def has_text(self, i: int) -> bool:
+        """Whether sample i has a text member (known from the index, nothing is read)."""
+        return bool(self._spans[i, 4] >= 0)
+
+    def without_text(self) -> np.ndarray:
+        """[n] ids of the samples that have no text member."""
+        return np.flatnonzero(self._spans[:, 4] < 0)
+
+    def read(self, i: int, *, text: bool = False) -> Sample:
+        """Sample i (its text ids too if `text` and it has them); decoding errors name the
+        shard and key. A sample's members are adjacent in the tar: one seek and read."""
         if not 0 <= i < len(self):
             raise IndexError(f"sample {i} out of range for an index of {len(self)} samples")
-        tok_off, tok_size, meta_off, meta_size = (int(v) for v in self._spans[i])
-        raw_tokens = self._read_bytes(i, tok_off, tok_size)
-        raw_meta = self._read_bytes(i, meta_off, meta_size)
+        spans = self._spans[i].reshape(3, 2).tolist()  # tokens, json, text: [offset, size]
+        if not (text and self.has_text(i)):
+            spans = spans[:2]
+        raw = self._read_spans(i, spans)
         where = self.where(i)
-        return Sample(key=self.key(i), tokens=_decode_tokens(raw_tokens, where),
-                      meta=_decode_meta(raw_meta, where))
+        return Sample(key=self.key(i), tokens=_decode_tokens(raw[0], where),
+                      meta=_decode_meta(raw[1], where),
+                      text=_decode_text(raw[2], where) if len(raw) > 2 else None)
+
+    def _read_spans(self, i: int, spans: list[list[int]]) -> list[bytes]:
+        """The bytes of each (offset, size) of sample i: one read when they lie close."""
+        start = min(off for off, _ in spans)
+        end = max(off + size for off, size in spans)
+        if end - start <= sum(size for _, size in spans) + _MAX_GAP:
+            block = self._read_bytes(i, start, end - start)
+            return [block[off - start:off - start + size] for off, size in spans]
+        return [self._read_bytes(i, off, size) for off, size in spans]
 
     def _read_bytes(self, i: int, offset: int, size: int) -> bytes:
         f = self._file(int(self._shard[i]))
@@ -307,6 +340,14 @@ def _decode_tokens(raw: bytes, where: str) -> np.ndarray:
                          f"np.save of an integer array [T, H, W]") from None
 
 
+def _decode_text(raw: bytes, where: str) -> np.ndarray:
+    try:
+        return np.load(io.BytesIO(raw), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ShardError(f"{where}: {TEXT_EXT} is not a valid .npy array ({e}); expected "
+                         f"np.save of a 1-D integer array of text ids") from None
+
+
 def _decode_meta(raw: bytes, where: str) -> dict:
     try:
         meta = json.loads(raw.decode("utf-8"))
@@ -349,3 +390,62 @@ def check_meta(meta: dict, *, where: str) -> int:
         raise ShardError(f"{where}: json 'source' is {meta.get('source')!r}, expected a string "
                          f"saying where the clip came from")
     return label
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    """The text prefix a text-conditional model takes (model.text_*): how a sample's stored
+    text ids become its fixed-length row, and which ids are valid."""
+
+    length: int  # S = model.text_len: ids per sample (bos + text, truncated, eos-padded)
+    vocab: int  # model.text_vocab: stored ids must lie in [0, vocab)
+    bos_id: int = 1  # model.text_bos_id
+    eos_id: int = 2  # model.text_eos_id, also the padding
+
+    def __post_init__(self):
+        specials_fit = all(0 <= i < self.vocab for i in (self.bos_id, self.eos_id))
+        if self.length < 2 or not specials_fit:
+            raise ValueError(f"{self}: expected length >= 2 (bos and some text) and bos/eos "
+                             f"ids in [0, vocab)")
+
+    @classmethod
+    def from_model(cls, model) -> TextSpec | None:
+        """The spec of a model config (nbp_mega.model.config), None for a model without text."""
+        if not model.text_len:
+            return None
+        return cls(length=model.text_len, vocab=model.text_vocab, bos_id=model.text_bos_id,
+                   eos_id=model.text_eos_id)
+
+    def fixed(self, ids: np.ndarray | None, *, where: str) -> np.ndarray:
+        """int64 [S]: a sample's stored text ids (None = it has no text member), checked, in
+        the paper's fixed form (`fixed_text_ids`)."""
+        if ids is None:
+            raise self.missing(where)
+        ids = check_text(ids, vocab=self.vocab, where=where)
+        return fixed_text_ids(ids, self.length, bos_id=self.bos_id,
+                              eos_id=self.eos_id).astype(np.int64)
+
+    def missing(self, where: str) -> ShardError:
+        """The error for a sample without a text member."""
+        return ShardError(
+            f"{where}: has no .{TEXT_EXT} member, but the model takes text (model.text_len="
+            f"{self.length}) and needs the text ids of every sample. These shards were made "
+            f"without --text-tokenizer (or the clip had no caption and no class name): remake "
+            f"them with tools/preprocess_video_shards.py --text-tokenizer MODEL.model, or train "
+            f"without text (model.text_len=0)")
+
+
+def check_text(ids: np.ndarray, *, vocab: int, where: str) -> np.ndarray:
+    """`ids` as int64 [n] if they are stored text ids the model can embed."""
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        raise ShardError(f"{where}: {TEXT_EXT} holds an array of dtype {ids.dtype} and shape "
+                         f"{tuple(ids.shape)}, expected a 1-D integer array of text ids "
+                         f"(int32, as tools/preprocess_video_shards.py writes)")
+    if ids.size:
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab:
+            bad = lo if lo < 0 else hi
+            raise ShardError(f"{where}: text id {bad} at position "
+                             f"{int(np.flatnonzero(ids == bad)[0])} is outside [0, {vocab}) = "
+                             f"model.text_vocab (shards made with another text tokenizer?)")
+    return ids.astype(np.int64, copy=False)

@@ -22,6 +22,9 @@ counts and logs the stream's broken shards, and its position wins in `merge_stat
 A stream's position (epoch, shard, samples into the shard where its buffer began, fill number,
 samples emitted from the buffer) is enough to rebuild it: a checkpoint stores all V positions.
 
+With spec.text (a text-conditional model) every sample's .text.npy becomes a fixed-form row
+of Batch.text; a sample without one is an error. The text changes neither order nor position.
+
 A shard that is missing or corrupt is skipped from where it broke (earlier samples are kept),
 counted and logged; only the ranks reading its stream read it, so no other rank waits.
 """
@@ -40,9 +43,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from nbp_mega.config_fields import ConfigError
 from nbp_mega.data.shards import (
     META_EXT,
+    TEXT_EXT,
     TOKENS_EXT,
     ShardError,
+    TextSpec,
     _decode_meta,
+    _decode_text,
     _decode_tokens,
     check_meta,
     check_tokens,
@@ -64,6 +70,7 @@ class StreamSpec:
     buffer: int  # shuffle-buffer samples per stream (1 = no shuffling inside shards)
     grid: tuple[int, int, int]
     vocab_size: int
+    text: TextSpec | None = None  # the model's text prefix; None = no text (.text.npy ignored)
 
     def digest(self) -> str:
         """Names the shard list: a saved position only means something for the same shards."""
@@ -87,6 +94,7 @@ class Item:
     tokens: np.ndarray  # [T, H, W] int64, checked against the model
     label: int
     key: str  # global key "<shard name>/<sample key>"
+    text: np.ndarray | None = None  # [S] int64 fixed-form text ids; None without spec.text
 
 
 class Stream:
@@ -197,7 +205,12 @@ class Stream:
         tokens = check_tokens(_decode_tokens(sample[TOKENS_EXT], where), grid=self.spec.grid,
                               vocab_size=self.spec.vocab_size, where=where)
         label = check_meta(_decode_meta(sample[META_EXT], where), where=where)
-        return Item(tokens, label, key)
+        text = None
+        if self.spec.text is not None:
+            raw = sample.get(TEXT_EXT)
+            text = self.spec.text.fixed(None if raw is None else _decode_text(raw, where),
+                                        where=where)
+        return Item(tokens, label, key, text)
 
 
 def rank_slices(num_streams: int, per_stream: int, dp_rank: int,
@@ -300,6 +313,9 @@ class Batch:
     labels: torch.Tensor  # [b] int64 class ids (-1 = none)
     keys: list[str]  # [b] global keys of this rank's clips
     first_position: int  # position of keys[0] in the global batch (r * b)
+    # [b, S] int64 text ids in the paper's fixed form (bos + ids, truncated, eos-padded;
+    # S = model.text_len), None for a model without text
+    text: torch.Tensor | None = None
 
     def digest_part(self) -> int:
         """This rank's share of the global batch digest (sum over ranks = the digest)."""
@@ -357,10 +373,13 @@ class StreamLoader:
             stream_items, self.positions[s] = chunk[s]
             items += stream_items
         self.batches += 1
+        text = None
+        if self.spec.text is not None:
+            text = torch.from_numpy(np.stack([it.text for it in items]))
         return Batch(tokens=torch.from_numpy(np.stack([it.tokens for it in items])),
                      labels=torch.tensor([it.label for it in items], dtype=torch.long),
                      keys=[it.key for it in items],
-                     first_position=self.dp_rank * self.local_batch)
+                     first_position=self.dp_rank * self.local_batch, text=text)
 
     def close(self) -> None:
         """Stop the worker processes (the next `next_batch` starts new ones)."""

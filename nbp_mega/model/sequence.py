@@ -99,6 +99,11 @@ class SequenceLayout:
             i += n
         return windows
 
+    def given_targets(self, frames: int) -> int:
+        """Targets fixed by the first `frames` latent frames given (frame prediction)."""
+        _, H, W = self.blocks.grid
+        return max(frames * H * W - self.target_offset, 0)
+
     @property
     def num_target_blocks(self) -> int:
         return self.num_targets // self.block_len

@@ -141,3 +141,33 @@ def test_vocab_too_small_and_cli(tmp_path, capsys):
     assert "unigram entropy" in capsys.readouterr().out
     manifest = json.loads((tmp_path / "cli" / "manifest.json").read_text())
     assert manifest["grid"] == [2, 4, 4] and manifest["num_shards"] == {"train": 2, "val": 1}
+
+
+def test_text_ids_spell_the_class_name_and_vary_in_length(out, tmp_path):
+    assert json.loads((out / "manifest.json").read_text())["text"] is None
+    assert not ShardIndex.build(expand_shards(str(out / "val"))).has_text(0)  # only if asked
+    args = {**ARGS, "num_train": 24, "classes": 8, "text": True}
+    manifest = write_synthetic_shards(str(tmp_path / "a"), **args)
+    text = manifest["text"]
+    assert (text["vocab"], text["bos_id"], text["eos_id"], text["first_id"]) == (43, 1, 2, 4)
+    assert text["lengths"] == [5, 4, 4, 2, 10, 9, 7, 8]  # right down left up, the diagonals
+    index = ShardIndex.build(expand_shards(str(tmp_path / "a" / "train")))
+    names = set()
+    for i in range(len(index)):
+        sample = index.read(i, text=True)
+        name = sample.meta["label_name"]
+        assert sample.meta["text"] == name and sample.text.dtype == np.int32
+        assert "".join(text["alphabet"][j - 4] for j in sample.text.tolist()) == name
+        names.add(name)
+    assert len(names) >= 6
+    write_synthetic_shards(str(tmp_path / "b"), **args)
+    for split in ("train", "val"):
+        files = sorted(os.listdir(tmp_path / "a" / split))
+        assert filecmp.cmpfiles(tmp_path / "a" / split, tmp_path / "b" / split, files,
+                                shallow=False)[0] == files
+    with pytest.raises(ValueError, match="text=True needs classes >= 1"):
+        write_synthetic_shards(str(tmp_path / "c"), **{**args, "classes": 0})
+    main([str(tmp_path / "cli"), "--num-train", "2", "--num-val", "0", "--grid", "2", "4", "4",
+          "--text"])
+    cli = ShardIndex.build(expand_shards(str(tmp_path / "cli" / "train")))
+    assert cli.has_text(0) and len(cli.without_text()) == 0
