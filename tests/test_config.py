@@ -95,3 +95,13 @@ def test_ntp_info(dims, capsys):
     info.main([os.path.join(ROOT, "configs", "ntp_700m.yaml")])
     report = json.loads(capsys.readouterr().out)
     assert report["block_length"] == 1 and report["generation_steps_per_clip"] == 1279
+
+
+def test_ucf_hybrid_start_info(dims, capsys):
+    """The paper's UCF layout: 8 text ids + 1280 video inputs, 95 generation steps."""
+    from nbp_mega import info
+
+    info.main([os.path.join(ROOT, "configs", "nbp_700m_ucf.yaml")])
+    report = json.loads(capsys.readouterr().out)
+    assert report["sequence_length"] == 8 + 1280 and report["targets_per_clip"] == 1280
+    assert report["prefix_length"] == 8 and report["generation_steps_per_clip"] == 16 + 79
