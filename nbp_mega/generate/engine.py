@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import torch
 
-from nbp_mega.config_fields import ConfigError
 from nbp_mega.generate.kv_cache import StaticKVCache
 from nbp_mega.generate.sampling import SamplingConfig, sample
+from nbp_mega.parallel.collectives import gather_last_dim, tensor_parallel_group
 
 
 def _check_guidance(model, sampling: SamplingConfig) -> bool:
@@ -46,9 +46,6 @@ def _guided(logits: torch.Tensor, batch: int, scale: float) -> torch.Tensor:
 def _check(model, context) -> int:
     """Validate the given frames; return how many targets they fix."""
     layout, cfg = model.layout, model.cfg
-    if model.tp_size != 1:
-        raise ConfigError("generation runs at parallel.tensor=1 for now (tensor-parallel "
-                          "sampling gathers the vocabulary shards: not built yet)")
     given = 0 if context is None else context.shape[1]
     bt = layout.blocks.block[0]
     if given % bt or given >= cfg.grid[0]:
@@ -61,7 +58,7 @@ def _check(model, context) -> int:
     if not cfg.start_block and given == 0:
         raise ValueError("model.start_block=false (the K600 layout): block 0 is context only; "
                          "give at least the first latent frame(s) as context")
-    return given * cfg.grid[1] * cfg.grid[2] - layout.target_offset
+    return layout.given_targets(given)
 
 
 def _id_buffer(model, batch: int, labels, text, context, guide: bool, device) -> torch.Tensor:
@@ -87,13 +84,14 @@ def _id_buffer(model, batch: int, labels, text, context, guide: bool, device) ->
 @torch.no_grad()
 def generate(model, *, seeds: list[int], labels: torch.Tensor | None = None,
              text: torch.Tensor | None = None, context: torch.Tensor | None = None,
-             sampling: SamplingConfig | None = None) -> torch.Tensor:
+             sampling: SamplingConfig | None = None, on_step=None) -> torch.Tensor:
     """Sample len(seeds) clips -> token grids [B, T, H, W].
 
     labels [B] class ids (class-conditional models); text [B, model.text_len] text ids in
     fixed form (text-conditional models: `TextTokenizer.encode_fixed`); context [B, K, H, W]
     the first K latent frames, given (frame prediction; K a multiple of the block's frames).
-    Sample b depends only on seeds[b] and its own conditioning.
+    Sample b depends only on seeds[b] and its own conditioning. on_step(done, total) is
+    called after each forward step (progress bars).
     """
     sampling = sampling or SamplingConfig()
     model.eval()
@@ -106,12 +104,16 @@ def generate(model, *, seeds: list[int], labels: torch.Tensor | None = None,
     cache = StaticKVCache.for_model(model, ids.shape[0])
     source = layout.input_source.to(device)
     video = ids[:, layout.prefix_len + len(layout.fixed_ids):]  # a view: samples land in ids
-    for lo, hi, n in layout.generation_windows(first):
+    windows = layout.generation_windows(first)
+    for step, (lo, hi, n) in enumerate(windows):
         h = model.hidden_states(ids[:, source[lo:hi]], lo, cache)[:, -n:]
-        logits = model.logits(h)
+        # full-vocabulary logits on every TP rank: each samples the same tokens
+        logits = gather_last_dim(model.logits(h), tensor_parallel_group(model))
         if guide:
             logits = _guided(logits, batch, sampling.guidance_scale)
         tokens = sample(logits, sampling, generators)  # [B, n]
         target = hi - n - layout.prefix_len + layout.target_offset  # video index of the first
         video[:, target:target + n] = tokens.repeat(2, 1) if guide else tokens
+        if on_step is not None:
+            on_step(step + 1, len(windows))
     return layout.blocks.from_blocks(video[:batch])

@@ -1,46 +1,69 @@
-"""A trained model for generation, from a run directory's checkpoint (TP=1 runs for now).
+"""A trained model for generation, from a training checkpoint of any ZeRO stage and TP size.
 
-    model, cfg = load_trained_model("runs/tiny")            # checkpoints/latest
-    model, cfg = load_trained_model("runs/tiny", "step_00000100")
+    model, cfg = load_trained_model("runs/tiny", dims=dims)                  # checkpoints/latest
+    model, cfg = load_trained_model("runs/tiny", "step_00000100", dims=dims)
+    model, cfg = load_trained_model("runs/tiny/checkpoints/step_00000100", dims=dims)
+
+The model is built at this job's tensor-parallel size (dims.tp), whatever the run trained with:
+each rank loads its own shard, cut from the TP-merged, ZeRO-gathered fp32 weights
+(nbp_mega.parallel.zero_checkpoint).
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
 
-from nbp_mega.config_fields import ConfigError
 
+def resolve_checkpoint(run_dir: str, checkpoint: str | None = None):
+    """(the run's config, the checkpoint folder) for a run directory or a checkpoint folder.
 
-def load_trained_model(run_dir: str, checkpoint: str | None = None, *, dims,
-                       device: torch.device | None = None):
-    """(NBPTransformer in eval mode with the checkpoint's weights, the run's config)."""
+    run_dir: a run directory (config.yaml, checkpoints/; `checkpoint` names one of its
+    checkpoints, default `latest`) or one checkpoint folder (its trainer_state.json holds the
+    resolved config).
+    """
     import yaml
 
     from nbp_mega.checkpoint import Checkpointer
     from nbp_mega.config import config_from_dict
-    from nbp_mega.model import NBPTransformer
-    from nbp_mega.parallel.deepspeed import full_state_dict
-    from nbp_mega.parallel.layers import TensorParallel
 
+    state_file = os.path.join(run_dir, "trainer_state.json")
+    if checkpoint is None and os.path.exists(state_file):
+        with open(state_file) as f:
+            return config_from_dict(json.load(f)["config"]), run_dir
     config_path = os.path.join(run_dir, "config.yaml")
     if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{run_dir} has no config.yaml: expected a run directory "
-                                "written by nbp_mega.train")
+        raise FileNotFoundError(f"{run_dir} has neither config.yaml nor trainer_state.json: "
+                                "expected a run directory written by nbp_mega.train or one of "
+                                "its checkpoint folders (checkpoints/step_*)")
     with open(config_path) as f:
         cfg = config_from_dict(yaml.safe_load(f))
-    if cfg.parallel.tensor != 1:
-        raise ConfigError(f"{run_dir} was trained at parallel.tensor={cfg.parallel.tensor}: "
-                          "loading tensor-parallel checkpoints for sampling is not built yet")
     ckpt = Checkpointer(run_dir, keep_last=1, rank=0)
     name = checkpoint or ckpt.latest()
     if name is None or not os.path.isdir(os.path.join(ckpt.dir, name)):
-        raise FileNotFoundError(f"no checkpoint {name or 'latest'} in {ckpt.dir}")
-    state = full_state_dict(ckpt.dir, name, zero_stage=cfg.parallel.zero_stage,
-                            precision=cfg.train.precision)
+        found = sorted(n for n in os.listdir(ckpt.dir)) if os.path.isdir(ckpt.dir) else []
+        raise FileNotFoundError(f"no checkpoint {name or 'latest'} in {ckpt.dir} (it holds: "
+                                f"{', '.join(found) or 'nothing'})")
+    return cfg, os.path.join(ckpt.dir, name)
+
+
+def load_trained_model(run_dir: str, checkpoint: str | None = None, *, dims,
+                       device: torch.device | None = None):
+    """(NBPTransformer at TP size dims.tp in eval mode with the checkpoint's weights, config).
+
+    A missing or partial checkpoint (absent rank files, truncated files) raises an error
+    naming the files and what a complete checkpoint of its layout holds.
+    """
+    from nbp_mega.model import NBPTransformer
+    from nbp_mega.parallel.layers import TensorParallel
+    from nbp_mega.parallel.tp_shards import TPPlan
+    from nbp_mega.parallel.zero_checkpoint import TrainingCheckpoint
+
+    cfg, path = resolve_checkpoint(run_dir, checkpoint)
+    ckpt = TrainingCheckpoint(path)  # refuses an incomplete checkpoint before any model work
     model = NBPTransformer(cfg.model, TensorParallel(dims, init_std=cfg.model.init_std))
-    # torch.is_tensor: megatron layers keep a `_extra_state` entry (None) in the module state
-    model.load_state_dict({k: v.float() if torch.is_tensor(v) else v for k, v in state.items()},
-                          strict=True)
+    state = ckpt.shard_state_dict(TPPlan.of(model), tp=dims.tp, rank=dims.tp_rank)
+    model.load_state_dict(state, strict=True)
     return model.to(device or dims.device).eval(), cfg

@@ -58,3 +58,28 @@ def all_gather_objects(obj, group=None) -> list:
     out = [None] * group_size(group)
     dist.all_gather_object(out, obj, group=group)
     return out
+
+
+def gather_last_dim(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Concatenate every rank's `tensor` [..., n] along the last dim, in rank order: [..., n *
+    group size] on every rank (e.g. vocab-sharded logits -> full-vocabulary logits)."""
+    if not dist.is_initialized() or group_size(group) == 1:
+        return tensor  # a one-rank gather only copies: generation calls this every step
+    device = backend_device(group)
+    local = tensor.to(device).contiguous()
+    parts = [torch.empty_like(local) for _ in range(group_size(group))]
+    dist.all_gather(parts, local, group=group)
+    return torch.cat(parts, dim=-1).to(tensor.device)
+
+
+def tensor_parallel_group(model: torch.nn.Module):
+    """The TP process group `model`'s megatron layers were built with (None: it has none).
+
+    Megatron's layers keep the group they were given as `.tp_group`; reading it back lets code
+    outside nbp_mega/parallel/ gather over it without holding megatron objects itself.
+    """
+    for module in model.modules():
+        group = getattr(module, "tp_group", None)
+        if group is not None:
+            return group
+    return None

@@ -194,18 +194,3 @@ def build_plain_engine(model: nn.Module, optimizer: torch.optim.Optimizer, ds_co
                                            mpu=_Mpu(dims), dist_init_required=False)
     return engine
 
-
-def full_state_dict(checkpoint_dir: str, tag: str, *, zero_stage: int,
-                    precision: str) -> dict[str, torch.Tensor]:
-    """The whole model's state dict from a DeepSpeed checkpoint written at TP=1.
-
-    ZeRO 1-3 (and bf16, whose optimizer partitions too) keep the fp32 master weights in the
-    optimizer shards: DeepSpeed's zero_to_fp32 gathers them. Plain fp32 ZeRO-0 saves the
-    module whole.
-    """
-    if zero_stage == 0 and precision == "fp32":
-        path = os.path.join(checkpoint_dir, tag, "mp_rank_00_model_states.pt")
-        return torch.load(path, map_location="cpu", weights_only=False)["module"]
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    return get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
