@@ -21,12 +21,12 @@ $(STAMP): requirements.txt setup.py pyproject.toml
 	@awk '/nbp_mega setup:/ { sub(/^ +/, ""); if (!seen[$$0]++) print }' build/install.log
 	touch $(STAMP)
 
-# Synthetic token shards -> ZeRO-3 on 2 CPU ranks -> validation loss vs unigram entropy.
+# The whole system (nbp_mega/demo/, tools/demo.py): synthetic class videos (H.264) -> the
+# shipped tiny-s4 tokenizer (sha256 checked) -> token shards -> a class-conditional NBP model
+# and an NTP baseline, each ZeRO-3 on 2 CPU ranks -> clips per class (MP4/GIF) -> a report
+# with plots, runs/demo/report/report.md, whose path it prints. Stage times as it goes.
 demo: install
-	$(BIN)/python -m nbp_mega.data.synthetic data/synthetic --grid 5 8 8 --vocab 64 --classes 4
-	rm -rf runs/demo
-	PYTHON=$(BIN)/python NPROC_PER_NODE=2 bash launch.sh configs/tiny.yaml run_dir=runs/demo
-	$(BIN)/python tools/summarize_run.py runs/demo --manifest data/synthetic/manifest.json
+	$(BIN)/python tools/demo.py --out runs/demo
 
 lint: install
 	$(BIN)/ruff check .

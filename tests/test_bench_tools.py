@@ -5,7 +5,8 @@ and a missing implementation standing in; its targets are checked on made-up row
 tools/bench_train.py's summary (median step time including the data wait, quartiles), its
 ABBA turns, its load record and MFU/targets are checked on made-up inputs, and its pausing of
 live runs on two fake trainers (the real runs take minutes: `python tools/bench_train.py
---json`).
+--json`). tools/bench_generation.py runs end to end on a tiny model: its steps, tokens, frames,
+rates, time split, ratios and targets must follow from its own records.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import statistics
 import subprocess
 import sys
 
@@ -280,18 +282,56 @@ def test_bench_gloo_times_both_averaging_paths(capsys, monkeypatch):
         seconds["bucket_all_reduce"] / seconds["reduce_scatter_coalesced"])
 
 
-def test_bench_generation_records_both_setups():
-    # A process of its own: the tool joins and leaves a torch.distributed job.
-    proc = subprocess.run([sys.executable, str(TOOLS / "bench_generation.py"), "--repeats", "1",
-                           "--threads", "1", "--json", "--set", "model.grid=[2,4,8]",
-                           "model.layers=1"], capture_output=True, text=True, timeout=300,
+def test_bench_generation_records_add_up():
+    # A process of its own: the tool joins and leaves a torch.distributed job. A 2x4x8 grid,
+    # the first latent frame given (K600 layout: no start block): 32 tokens to generate.
+    proc = subprocess.run([sys.executable, str(TOOLS / "bench_generation.py"), "--json",
+                           "--rounds", "2", "--threads", "1", "--sampler-repeats", "1",
+                           "--given-frames", "1", "--batches", "1", "2", "--set",
+                           "model.grid=[2,4,8]", "model.layers=1", "model.hidden=32",
+                           "model.heads=2", "model.vocab_size=64"],
+                          capture_output=True, text=True, timeout=300,
                           env={k: v for k, v in os.environ.items() if k not in (
                               "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                               "MASTER_PORT")})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    machine, nbp, ntp, speedup = json.loads(proc.stdout)
-    assert "quiet" in machine["load"] and machine["batch"] == 1
-    assert (nbp["block_len"], nbp["steps"]) == (8, 8)  # 2x4x8 grid in rows of 8, start block
-    assert (ntp["block_len"], ntp["steps"]) == (1, 64)
-    assert speedup["steps_ratio"] == 8.0
-    assert speedup["ntp_over_nbp"] == round(ntp["seconds"] / nbp["seconds"], 2)
+    records = json.loads(proc.stdout)
+    machine, kinds = records[0], [r["shape"] for r in records]
+    assert machine["shape"] == "machine" and machine["quiet"] == machine["load"]["quiet"]
+    assert "load_average" in machine["load"] and kinds[-1] == "targets"
+    for r in (r for r in records if r["shape"] == "sampler"):  # before/after, side by side
+        assert r["speedup"] == pytest.approx(r["former_seconds"] / r["seconds"], rel=0.05)
+    setups = {(r["shape"], r["batch"]): r for r in records if r["shape"] in BLOCK_LEN}
+    assert set(setups) == {(name, b) for name in BLOCK_LEN for b in (1, 2)}
+    for (name, batch), r in setups.items():
+        assert r["block_len"] == BLOCK_LEN[name] and r["variant"] == "eager"
+        assert r["steps"] == (2 * 4 * 8 - 4 * 8) // r["block_len"]  # blocks minus given
+        assert r["tokens"] == batch * 32 and r["generated_frames"] == 5 - 1  # 1 + 4 (t - 1)
+        seconds = r["seconds"]
+        assert seconds == pytest.approx(statistics.median(r["seconds_by_round"]), rel=1e-3)
+        assert r["tokens_per_s"] * seconds == pytest.approx(r["tokens"], rel=1e-3)
+        assert r["video_frames_per_s"] * seconds == pytest.approx(batch * 4, rel=1e-3)
+        with_decode = r["video_frames_per_s_with_decode"] * (seconds + r["decode_seconds"])
+        assert with_decode == pytest.approx(batch * 4, rel=1e-3) and r["decode_seconds"] > 0
+        assert 0 < r["forward_seconds"] < seconds and r["sampler_seconds"] > 0
+        assert r["sampler_overhead"] == pytest.approx(1 - r["forward_seconds"] / seconds,
+                                                      abs=2e-3)
+        assert r["sampler_fraction"] <= r["sampler_overhead"] + 2e-3  # outside the forward
+    targets = records[-1]["targets"]
+    for ratios in (r for r in records if r["shape"] == "ratios"):
+        rows, ntp = setups["rows", ratios["batch"]], setups["ntp", ratios["batch"]]
+        fps = "video_frames_per_s"
+        assert ratios["rows_over_ntp"] == round(rows[fps] / ntp[fps], 2)
+        assert ratios["steps_ratio"] == 8.0
+        speedup, = (t for t in targets if t["target"].startswith("rows_over")
+                    and t["batch"] == ratios["batch"])
+        assert speedup["value"] == ratios["rows_over_ntp"]
+        assert speedup["met"] == (speedup["value"] >= 11)
+    for t in (t for t in targets if t["target"] == "sampler_overhead"):
+        assert t["value"] == setups[t["setup"], t["batch"]]["sampler_overhead"]
+        assert t["met"] == (t["value"] <= 0.10)
+    met = [t["met"] for t in targets]
+    assert records[-1]["all_met"] == all(met) and len(targets) == 2 * 4
+
+
+BLOCK_LEN = {"rows": 8, "frames": 32, "ntp": 1}

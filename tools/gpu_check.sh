@@ -17,11 +17,17 @@
 #   bench  tools/bench_attention.py --device cuda --shapes paper long --dtype bfloat16 --json
 #          > OUT_DIR/bench_attention_cuda.json (fused CUDA kernel, FlexAttention, SDPA with
 #          the dense mask, SDPA is_causal), and its markdown tables in bench.log
+#   generation  tools/bench_generation.py --device cuda --size 700m --dtype bf16 --cuda-graph
+#          --json > OUT_DIR/bench_generation_cuda.json: the paper's 700M with random weights,
+#          NBP rows / frames / NTP at batch 1 and 8, eager and with CUDA-graph steps; its tables
+#          in generation.log put video frames/s of NBP rows and NTP next to the paper's 8.89
+#          and 0.80 (one A100). If the graphs fail, their rows say SKIPPED with the error and
+#          the eager ones stand
 # OUT_DIR/summary.json, rewritten after every stage: each stage's exit code (124 = timed out,
 # null = not run: no time left) and seconds. Exit status 0 when every stage run passed.
 #
-# Time: all of it under 8 minutes on one H100/H200. Each stage's timeout is also capped by
-# what is left of GPU_CHECK_BUDGET seconds (default 450); a stage with < 15 s left is not run.
+# Time: all of it under 9 minutes on one H100/H200. Each stage's timeout is also capped by
+# what is left of GPU_CHECK_BUDGET seconds (default 540); a stage with < 15 s left is not run.
 # Environment: GPU_CHECK_STAGES="env build ..." runs only those stages (in the order above);
 # GPU_CHECK_PYTHON picks the interpreter (default: .venv/bin/python if it runs torch, else
 # python3: the device machine gets the working tree without .venv and has its own torch);
@@ -41,8 +47,9 @@
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-STAGES=(env deps build tests train bench)
-declare -A LIMIT=([env]=60 [deps]=150 [build]=240 [tests]=150 [train]=150 [bench]=180)
+STAGES=(env deps build tests train bench generation)
+declare -A LIMIT=([env]=60 [deps]=150 [build]=240 [tests]=150 [train]=150 [bench]=180
+                  [generation]=240)
 RESULTS=()
 
 now_ms() { echo $(($(date +%s%N) / 1000000)); }
@@ -178,6 +185,16 @@ print(b.markdown(json.load(open(sys.argv[1]))))' "$OUT/bench_attention_cuda.json
   return $rc
 }
 
+stage_generation() {
+  local rc json="$OUT/bench_generation_cuda.json"
+  "$PY" tools/bench_generation.py --device cuda --size 700m --dtype bf16 --cuda-graph --json \
+    > "$json"
+  rc=$?
+  "$PY" -c 'import json, sys; sys.path.insert(0, "tools"); import bench_generation as b
+print(b.markdown(json.load(open(sys.argv[1]))))' "$json" || rc=1
+  return $rc
+}
+
 # -- the runner ---------------------------------------------------------------------------------
 write_summary() {
   local ok=true entry
@@ -228,10 +245,11 @@ main() {
   OUT="$(cd "$1" && pwd)"
   START_MS="$(now_ms)"
   PY="$(pick_python)"
-  BUDGET="${GPU_CHECK_BUDGET:-450}"
+  BUDGET="${GPU_CHECK_BUDGET:-540}"
   export OUT PY
   export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
   export -f stage_env stage_deps stage_build stage_tests stage_train stage_bench
+  export -f stage_generation
   export -f missing_packages
   echo "python: $PY; logs and summary.json in $OUT"
   for name in "${STAGES[@]}"; do

@@ -1,0 +1,230 @@
+"""The demo report: OUT/report/report.md with PNG plots, and stats.json with its numbers.
+
+Legend: N clips; F frames; R side in pixels; T, H, W latent grid.
+
+    results = analyse(out, scale, tokenizer)    # plots + numbers (loads both models)
+    write_markdown(out, scale, results, stages, total_seconds) -> path of report.md
+
+Plots: loss_curves.png (training and validation loss of both runs, from metrics.jsonl),
+loss_by_row.png (validation loss per latent row, computed from the trained weights on the
+validation shards), contact_sheet.png (per class: real clips, NBP samples, NTP samples).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from nbp_mega.demo import analysis
+from nbp_mega.demo.videos import CLASSES
+
+MODELS = ("nbp", "ntp")
+COLOURS = {"nbp": "tab:blue", "ntp": "tab:orange"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# -- inputs ----------------------------------------------------------------------------------
+def real_clips(out: str, scale, per_class: int) -> tuple[list[np.ndarray], list[int]]:
+    """The first per_class validation clips of each class: uint8 [F, R, R, 3] each."""
+    from nbp_mega.data.video import list_videos, read_clips
+
+    clips, labels = [], []
+    for k, cls in enumerate(CLASSES):
+        for path in list_videos(os.path.join(out, "videos", "val", cls.name))[:per_class]:
+            clips.append(read_clips(path, frames=scale.frames, resolution=scale.size)[0])
+            labels.append(k)
+    return clips, labels
+
+
+def decode(tokenizer, tokens: np.ndarray) -> list[np.ndarray]:
+    """Token grids [N, T, H, W] -> uint8 clips [F, R, R, 3] (the pixels the MP4s hold)."""
+    import torch
+
+    from nbp_mega.generate.outputs import decode_tokens, to_uint8_frames
+
+    videos = decode_tokens(tokenizer, torch.from_numpy(tokens.astype(np.int64)))
+    return [to_uint8_frames(v) for v in videos]
+
+
+def reconstruct(tokenizer, clips: list[np.ndarray]) -> list[np.ndarray]:
+    import torch
+
+    tokens = tokenizer.encode(torch.from_numpy(np.stack(clips)))
+    return decode(tokenizer, tokens.numpy())
+
+
+def read_samples(out: str, model: str) -> tuple[dict, np.ndarray]:
+    folder = os.path.join(out, "samples", model)
+    with open(os.path.join(folder, "samples.json")) as f:
+        meta = json.load(f)
+    return meta, np.load(os.path.join(folder, "tokens.npy"))
+
+
+# -- plots -----------------------------------------------------------------------------------
+def plot_losses(out: str, path: str) -> dict:
+    """Training loss per step and validation loss per evaluation, both models -> finals."""
+    from nbp_mega.metrics import read_metrics
+
+    plt, summary = _plt(), {}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for model in MODELS:
+        train, evals = read_metrics(os.path.join(out, model, "metrics.jsonl"))
+        steps, loss = [r["step"] for r in train], [r["loss"] for r in train]
+        ax.plot(steps, loss, color=COLOURS[model], alpha=0.5, lw=1,
+                label=f"{model.upper()} train")
+        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-",
+                color=COLOURS[model], label=f"{model.upper()} validation")
+        summary[model] = {"first_loss": loss[0], "last_loss": loss[-1], "steps": steps[-1],
+                          "val_loss": [(r["step"], r["val_loss"]) for r in evals],
+                          "median_step_s": float(np.median([r["step_seconds"] for r in train])),
+                          "median_tokens_per_s": float(np.median([r["tokens_per_s"]
+                                                                  for r in train]))}
+    ax.set(xlabel="optimizer step", ylabel="loss (nats per token)", ylim=(0, None),
+           title="Loss: NBP (rows of 8) vs NTP (1x1x1), same data and steps")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return summary
+
+
+def validation_loss_by_row(out: str, scale) -> dict[str, list[float]]:
+    """{model: loss per latent row} from each run's final weights on the validation shards."""
+    import torch
+
+    from nbp_mega.data.shards import ShardIndex, expand_shards
+    from nbp_mega.generate.load import load_trained_model
+    from nbp_mega.parallel.dims import ParallelConfig, init_parallel, shutdown_parallel
+
+    index = ShardIndex.build(expand_shards(os.path.join(out, "shards", "val")))
+    joined = not torch.distributed.is_initialized()  # an in-process caller keeps its job
+    dims, rows = init_parallel(ParallelConfig(tensor=1)), {}
+    try:
+        for model_name in MODELS:
+            model, _ = load_trained_model(os.path.join(out, model_name), dims=dims)
+            rows[model_name] = analysis.loss_by_row(model, index, scale.global_batch,
+                                                    scale.eval_batches).tolist()
+    finally:
+        index.close()
+        if joined:
+            shutdown_parallel()
+    return rows
+
+
+def plot_loss_by_row(rows: dict[str, list[float]], grid: list[int], path: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for model, loss in rows.items():
+        ax.plot(range(len(loss)), loss, "o-", ms=3, color=COLOURS[model], label=model.upper())
+    for t in range(1, grid[0]):
+        ax.axvline(t * grid[1] - 0.5, color="grey", lw=0.8, ls=":")
+    ax.set(xlabel=f"latent row t*{grid[1]} + h of the predicted tokens (dotted: next latent "
+                  "frame)", ylabel="validation loss (nats per token)",
+           title="Validation loss per latent row (= per NBP block)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _strip(clips: list[np.ndarray], gap: int = 2) -> np.ndarray:
+    """Clips as rows of frames, white gaps -> uint8 [rows, cols, 3]."""
+    F, R = clips[0].shape[:2]
+    sheet = np.full((len(clips) * (R + gap) - gap, F * (R + gap) - gap, 3), 255, np.uint8)
+    for r, clip in enumerate(clips):
+        for f in range(F):
+            sheet[r * (R + gap):r * (R + gap) + R, f * (R + gap):f * (R + gap) + R] = clip[f]
+    return sheet
+
+
+def plot_contact_sheet(groups: dict[str, tuple[list[np.ndarray], list[int]]], path: str) -> None:
+    """One panel per class (2 x 2); rows: each group's clips of that class, in group order."""
+    plt = _plt()
+    fig, axes = plt.subplots(2, 2, figsize=(12, 10))
+    for k, (ax, cls) in enumerate(zip(axes.flat, CLASSES, strict=True)):
+        clips, names = [], []
+        for group, (videos, labels) in groups.items():
+            mine = [v for v, y in zip(videos, labels, strict=True) if y == k]
+            clips += mine
+            names += [f"{group} {i + 1}" for i in range(len(mine))]
+        ax.imshow(_strip(clips), interpolation="nearest")
+        R = clips[0].shape[1] + 2
+        ax.set_yticks([r * R + R / 2 - 1 for r in range(len(clips))], names, fontsize=8)
+        ax.set_xticks([f * R + R / 2 - 1 for f in range(clips[0].shape[0])],
+                      range(clips[0].shape[0]), fontsize=7)
+        ax.set_title(f"class {k}: {cls.name[2:].replace('_', ', moves ')}", fontsize=10)
+        ax.set_xlabel("frame", fontsize=8)
+    fig.suptitle("Per class: validation clips (real), the same through the tokenizer (tok), "
+                 "and generated clips (NBP, NTP)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- numbers ---------------------------------------------------------------------------------
+def speed_rows(samples: dict[str, dict], frames: int) -> list[dict]:
+    """The speed table, from each samples.json (its timings and shape)."""
+    rows = []
+    for model, meta in samples.items():
+        n, seconds = meta["shape"][0], meta["timings"]["generation_s"]
+        tokens = int(np.prod(meta["shape"]))
+        rows.append({"model": model.upper(), "block_shape": meta["model"]["block_shape"],
+                     "clips": n, "batch": meta["settings"]["batch_size"],
+                     "steps": meta["steps"], "generation_s": seconds,
+                     "s_per_clip": seconds / n, "tokens_per_s": tokens / seconds,
+                     "frames_per_s": n * frames / seconds,
+                     "decode_s": meta["timings"]["decode_s"]})
+    base = next((r for r in rows if r["model"] == "NTP"), None)
+    for r in rows:
+        r["speedup_vs_ntp"] = base["generation_s"] / r["generation_s"] if base else None
+    return rows
+
+
+def analyse(out: str, scale, tokenizer_path: str) -> dict:
+    """Every plot and number of the report (OUT/report/*.png, OUT/report/stats.json)."""
+    from nbp_mega.demo.tokenizer import load_demo_tokenizer
+
+    folder = os.path.join(out, "report")
+    os.makedirs(folder, exist_ok=True)
+    tokenizer = load_demo_tokenizer(tokenizer_path, sha256="")  # checked by its stage
+    results = {"losses": plot_losses(out, os.path.join(folder, "loss_curves.png"))}
+    results["loss_by_row"] = validation_loss_by_row(out, scale)
+    plot_loss_by_row(results["loss_by_row"], scale.grid, os.path.join(folder, "loss_by_row.png"))
+    real, labels = real_clips(out, scale, scale.samples_per_class)
+    recon = reconstruct(tokenizer, real)
+    shown = [i for i in range(len(real)) if i % scale.samples_per_class < 2]  # 2 per class
+    groups, samples = {"real": ([real[i] for i in shown], [labels[i] for i in shown]),
+                       "tok": ([recon[i] for i in shown], [labels[i] for i in shown])}, {}
+    for model in MODELS:
+        meta, tokens = read_samples(out, model)
+        samples[model] = meta
+        groups[model.upper()] = (decode(tokenizer, tokens), meta["labels"])
+    plot_contact_sheet(groups, os.path.join(folder, "contact_sheet.png"))
+    results["stats"] = {name: analysis.class_summary(clips, y)
+                        for name, (clips, y) in {"real": (real, labels),
+                                                 "real through the tokenizer": (recon, labels),
+                                                 "NBP": groups["NBP"],
+                                                 "NTP": groups["NTP"]}.items()}
+    results["tokenizer"] = {"path": tokenizer_path, "sha256": tokenizer.checksum(),
+                            "codebook": tokenizer.codebook_size,
+                            "psnr_db": float(np.mean([analysis.psnr(a, b)
+                                                      for a, b in zip(real, recon,
+                                                                      strict=True)]))}
+    results["speed"] = speed_rows(samples, scale.frames)
+    results["samples"] = {m: {"files": meta["files"], "seeds": meta["seeds"],
+                              "labels": meta["labels"]} for m, meta in samples.items()}
+    with open(os.path.join(folder, "stats.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    return results

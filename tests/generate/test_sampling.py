@@ -1,0 +1,99 @@
+"""The sampler draws from filter_logits' distribution (temperature, top-k, then top-p over the
+survivors) by an inverse CDF, never picks a token of probability 0, and a row's tokens depend
+on its own generator only. (tests/generate/test_engine.py checks the filters and the sampler
+inside whole generations.)
+
+Legend: B batch; L positions of a step; V vocabulary; N points of a uniform grid.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nbp_mega.generate.sampling import SamplingConfig, draw, filter_logits, sample
+
+CONFIGS = {
+    "paper-like": SamplingConfig(top_k=50, top_p=0.8),
+    "top-k only, hot": SamplingConfig(temperature=1.7, top_k=30, top_p=1.0),
+    "top-p only, cold": SamplingConfig(temperature=0.6, top_k=0, top_p=0.7),
+    "k >= V": SamplingConfig(top_k=500, top_p=0.9),
+    "unfiltered": SamplingConfig(temperature=0.8, top_k=0, top_p=1.0),
+}
+
+
+def grid_draws(logits: torch.Tensor, cfg: SamplingConfig, n: int = 4001) -> torch.Tensor:
+    """logits [R, V] -> [R, N] the tokens `draw` picks at uniforms (i + 1/2) / N."""
+    uniform = ((torch.arange(n) + 0.5) / n).expand(logits.shape[0], n)
+    return draw(logits[:, None].expand(-1, n, -1), cfg, uniform)
+
+
+def assert_inverse_cdf_of(ids: torch.Tensor, probs: torch.Tensor) -> None:
+    """ids [R, N] on a uniform grid come from an inverse CDF of probs [R, V]: each token's
+    uniforms form one interval (whatever the order of the tokens) as long as its probability
+    (within one grid point), and no token of probability 0 is ever drawn."""
+    n = ids.shape[1]
+    counts = torch.stack([torch.bincount(row, minlength=probs.shape[1]) for row in ids])
+    assert (counts[probs == 0] == 0).all(), "a filtered token was drawn"
+    assert (counts - probs * n).abs().max() <= 1.01, (counts - probs * n).abs().max()
+    for row in ids:  # one run per token drawn
+        assert 1 + (row[1:] != row[:-1]).sum() == row.unique().numel()
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("spread", [2.0, 1e-4], ids=["spread", "flat"])
+def test_draw_is_an_inverse_cdf_of_the_filtered_distribution(name, spread):
+    # flat: all probabilities within one histogram bin of the nucleus search
+    cfg = CONFIGS[name]
+    torch.manual_seed(0)
+    logits = torch.randn(3, 200) * spread
+    logits[:, 180:] = float("-inf")  # padded ids, as model.logits leaves them
+    probs = filter_logits(logits, cfg).softmax(dim=-1)
+    assert_inverse_cdf_of(grid_draws(logits, cfg), probs)
+
+
+def test_top_p_is_taken_over_the_top_k_survivors():
+    # top-3 renormalised: 0.4, 0.333, 0.267; top-p 0.6 keeps two of them (over all five
+    # tokens it would keep three: 0.30 + 0.25 < 0.6)
+    logits = torch.tensor([[0.30, 0.25, 0.20, 0.15, 0.10]]).log()
+    ids = grid_draws(logits, SamplingConfig(top_k=3, top_p=0.6))
+    assert_inverse_cdf_of(ids, torch.tensor([[0.4, 1 / 3, 0, 0, 0]]) / (0.4 + 1 / 3))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_never_a_token_of_probability_zero_even_at_the_end_of_the_cdf(name):
+    logits = torch.tensor([2.0, 1.0, float("-inf"), 0.5, float("-inf"), float("-inf")])
+    logits = logits.view(1, 1, 6).expand(1, 2, 6)
+    # u = 1: u * total equals the total (rand's largest draw can round up to it)
+    ids = draw(logits, CONFIGS[name], torch.ones(1, 2))
+    kept = filter_logits(logits, CONFIGS[name])  # top-p drops the 0.5 in two configs
+    assert torch.isfinite(kept.gather(-1, ids[..., None])).all(), ids
+
+
+def test_a_row_depends_only_on_its_own_generator():
+    torch.manual_seed(1)
+    logits = torch.randn(8, 16, 1000)
+    cfg = SamplingConfig(top_k=300, top_p=0.9)
+    batch = sample(logits, cfg, [torch.Generator().manual_seed(s) for s in range(8)])
+    alone = sample(logits[3:4], cfg, [torch.Generator().manual_seed(3)])
+    assert torch.equal(batch[3:4], alone)
+    other = sample(logits[3:4], cfg, [torch.Generator().manual_seed(99)])
+    assert not torch.equal(other, alone)  # the seed matters
+
+
+def test_frequencies_follow_the_filtered_distribution():
+    logits = torch.tensor([1.5, 1.0, 0.4, 0.3, -0.5, float("-inf")]).view(1, 1, 6)
+    cfg = SamplingConfig(temperature=1.5, top_k=4, top_p=0.8)
+    ids = sample(logits.expand(1, 20000, 6), cfg, [torch.Generator().manual_seed(0)])
+    freq = torch.bincount(ids.flatten(), minlength=6).float() / ids.numel()
+    expected = filter_logits(logits, cfg).softmax(dim=-1).flatten()
+    assert expected[3:].sum() == 0 and expected[2] > 0.15  # the filters do cut here
+    torch.testing.assert_close(freq, expected, atol=0.015, rtol=0)
+
+
+def test_greedy_takes_the_most_likely_token_and_draws_nothing():
+    logits = torch.randn(2, 5, 40)
+    gen = torch.Generator().manual_seed(0)
+    ids = sample(logits, SamplingConfig(temperature=0.0), [gen, gen])
+    assert torch.equal(ids, logits.argmax(dim=-1))
+    assert torch.equal(gen.get_state(), torch.Generator().manual_seed(0).get_state())
