@@ -15,6 +15,7 @@ import pytest
 from nbp_mega.demo import analysis
 from nbp_mega.demo.pipeline import QUICK
 from nbp_mega.demo.videos import CLASSES, class_clip
+from tests.test_train import JOB_VARS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM = len(CLASSES) * QUICK.samples_per_class  # generated clips per model
@@ -73,8 +74,10 @@ def test_fsq_levels_patch_is_scoped():
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("demo") / "out")
+    # a job this test process joined (the session's `dims`) must not leak into the demo's
+    env = {k: v for k, v in os.environ.items() if k not in JOB_VARS}
     proc = subprocess.run([sys.executable, "tools/demo.py", "--quick", "--out", out], cwd=REPO,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout
 
