@@ -332,20 +332,20 @@ class ShardIndex:
         return state
 
 
-def _decode_tokens(raw: bytes, where: str) -> np.ndarray:
+def _decode_npy(raw: bytes, where: str, ext: str, expected: str) -> np.ndarray:
     try:
         return np.load(io.BytesIO(raw), allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
-        raise ShardError(f"{where}: {TOKENS_EXT} is not a valid .npy array ({e}); expected "
-                         f"np.save of an integer array [T, H, W]") from None
+        raise ShardError(f"{where}: {ext} is not a valid .npy array ({e}); expected "
+                         f"np.save of {expected}") from None
+
+
+def _decode_tokens(raw: bytes, where: str) -> np.ndarray:
+    return _decode_npy(raw, where, TOKENS_EXT, "an integer array [T, H, W]")
 
 
 def _decode_text(raw: bytes, where: str) -> np.ndarray:
-    try:
-        return np.load(io.BytesIO(raw), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise ShardError(f"{where}: {TEXT_EXT} is not a valid .npy array ({e}); expected "
-                         f"np.save of a 1-D integer array of text ids") from None
+    return _decode_npy(raw, where, TEXT_EXT, "a 1-D integer array of text ids")
 
 
 def _decode_meta(raw: bytes, where: str) -> dict:

@@ -30,19 +30,19 @@ def moving_squares(rng: np.random.Generator, frames: int, height: int, width: in
 
 
 def write_video(path: str, frames: np.ndarray, *, fps: int = 8, codec: str = "mpeg4",
-                pix_fmt: str = "yuv420p") -> None:
-    """Encode uint8 [F, H, W, 3] into `path` (container from the extension)."""
+                pix_fmt: str = "yuv420p", options: dict | None = None) -> None:
+    """Encode uint8 [F, H, W, 3] into `path` (container from the extension); `options` go to
+    the encoder (e.g. {"crf": "10"} for libx264)."""
     import av
 
-    with av.open(path, "w") as container:
-        stream = container.add_stream(codec, rate=fps)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps, options=options or {})
         stream.height, stream.width = frames.shape[1:3]
         stream.pix_fmt = pix_fmt
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+        for rgb in frames:
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format=pix_fmt)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())  # flush
 
 
 def write_synthetic_videos(out_dir: str, *, count: int = 16, frames: int = 24, size: int = 48,

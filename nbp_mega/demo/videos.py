@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nbp_mega.data.synthetic_video import write_video
+
 
 @dataclass(frozen=True)
 class VideoClass:
@@ -93,15 +95,7 @@ def write_mp4(path: str, frames: np.ndarray, *, fps: int = 8, crf: int = 10) -> 
     """uint8 [F, R, R, 3] -> H.264 (yuv420p, playable anywhere) at near-lossless quality:
     MPEG-4 part 2 at its default rate smears 32-pixel frames visibly from the second frame
     on (mean error 4.5 vs 2.0 of 255 here, all of it at the squares' edges)."""
-    import av
-
-    with av.open(path, "w") as container:
-        stream = container.add_stream("libx264", rate=fps, options={"crf": str(crf)})
-        stream.height, stream.width = frames.shape[1:3]
-        stream.pix_fmt = "yuv420p"
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
+    write_video(path, frames, fps=fps, codec="libx264", options={"crf": str(crf)})
 
 
 def write_class_videos(root: str, per_class: dict[str, int], *, frames: int, size: int,

@@ -24,6 +24,7 @@ import zlib
 import numpy as np
 import torch
 
+from nbp_mega.data.synthetic_video import write_video
 from nbp_mega.data.video import VideoError, probe
 from nbp_mega.tokenizer.video import TokenizerError
 
@@ -64,31 +65,18 @@ def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
 
 
 # -- writers ---------------------------------------------------------------------------------
-def _encode_video(path: str, frames: np.ndarray, codec: str, pix_fmt: str, fps: int) -> None:
-    import av
-
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=fps)
-        stream.height, stream.width = frames.shape[1:3]
-        stream.pix_fmt = pix_fmt
-        for rgb in frames:
-            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format=pix_fmt)
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode())  # flush
-
-
 def write_mp4(path, video: torch.Tensor, fps: int = 8) -> None:
     """H.264 (yuv420p, which needs even sizes: an odd last row/column is repeated)."""
     frames = to_uint8_frames(video)
     pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
     if pad_h or pad_w:
         frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-    _encode_video(path, frames, "libx264", "yuv420p", fps)
+    write_video(path, frames, fps=fps, codec="libx264", pix_fmt="yuv420p")
 
 
 def write_gif(path, video: torch.Tensor, fps: int = 8) -> None:
     """An animated GIF in the fixed 3-3-2-bit palette (rgb8): a preview, not for metrics."""
-    _encode_video(path, to_uint8_frames(video), "gif", "rgb8", fps)
+    write_video(path, to_uint8_frames(video), fps=fps, codec="gif", pix_fmt="rgb8")
 
 
 def write_png(path, image: np.ndarray) -> None:

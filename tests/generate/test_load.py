@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from nbp_mega.data.loader import build_loaders, eval_batches
+from nbp_mega.data.loader import TextSpec, build_loaders, eval_batches
 from nbp_mega.generate.load import load_trained_model
 from nbp_mega.metrics import read_metrics
 from nbp_mega.parallel.tp_shards import TPPlan
@@ -32,6 +32,9 @@ def shards(tmp_path_factory):
 
 
 def validation_loss(model, cfg) -> float:
+    """Mean validation loss per target of the run's first eval batches, conditioned as the
+    trainer conditions them (class labels, or the shards' text for text models)."""
+    text = TextSpec.from_model(cfg.model)
     _, val_index = build_loaders(cfg.data, seed=cfg.seed, global_batch=cfg.train.global_batch,
                                  dp_rank=0, dp_size=1, grid=tuple(cfg.model.grid),
                                  vocab_size=cfg.model.vocab_size)
@@ -39,9 +42,10 @@ def validation_loss(model, cfg) -> float:
     with torch.no_grad():
         for batch in eval_batches(val_index, batch_size=cfg.train.global_batch, dp_rank=0,
                                   dp_size=1, max_batches=cfg.train.eval_batches,
-                                  grid=tuple(cfg.model.grid), vocab_size=cfg.model.vocab_size):
-            input_ids, targets = model.layout.build(batch.tokens, batch.labels)
-            loss = model(input_ids, targets)
+                                  grid=tuple(cfg.model.grid), vocab_size=cfg.model.vocab_size,
+                                  text=text):
+            labels = batch.labels if text is None and model.layout.prefix_len else None
+            loss = model(*model.layout.build(batch.tokens, labels, text=batch.text))
             total, count = total + loss.double().sum().item(), count + loss.numel()
     return total / count
 

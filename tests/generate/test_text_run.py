@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from nbp_mega.data.loader import TextSpec, build_loaders, eval_batches
 from nbp_mega.data.synthetic import TEXT_VOCAB, write_synthetic_shards
 from nbp_mega.generate import SamplingConfig, generate
 from nbp_mega.generate.load import load_trained_model
 from nbp_mega.metrics import read_metrics
 from nbp_mega.tokenizer.text import TextTokenizer, train_text_tokenizer
 from tests.conftest import tiny_model_config
+from tests.generate.test_load import validation_loss
 from tests.test_bench_tools import load_tool
 from tests.test_train import ROOT, overrides, run
 
@@ -51,21 +51,6 @@ def text_tokenizer(tmp_path_factory):
     tok = train_text_tokenizer(CAPTIONS, str(path), vocab_size=TEXT_VOCAB)
     assert tok.vocab_size == TEXT_VOCAB  # the model's text vocabulary
     return str(path)
-
-
-def validation_loss(model, cfg) -> float:
-    _, val_index = build_loaders(cfg.data, seed=cfg.seed, global_batch=cfg.train.global_batch,
-                                 dp_rank=0, dp_size=1, grid=tuple(cfg.model.grid),
-                                 vocab_size=cfg.model.vocab_size)
-    total = count = 0.0
-    with torch.no_grad():
-        for batch in eval_batches(val_index, batch_size=cfg.train.global_batch, dp_rank=0,
-                                  dp_size=1, max_batches=cfg.train.eval_batches,
-                                  grid=tuple(cfg.model.grid), vocab_size=cfg.model.vocab_size,
-                                  text=TextSpec.from_model(cfg.model)):
-            loss = model(*model.layout.build(batch.tokens, text=batch.text))
-            total, count = total + loss.double().sum().item(), count + loss.numel()
-    return total / count
 
 
 def test_a_hybrid_text_model_trains_and_reloads(run_dir, dims):
