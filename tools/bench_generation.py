@@ -4,7 +4,7 @@ side, with the time split into the model's forward, the sampler and the rest.
     python tools/bench_generation.py --json [CONFIG] [--set key=value ...] [--size cpu]
         [--batches 1 8] [--setups rows frames ntp] [--rounds 2] [--given-frames 2]
         [--threads N] [--device cpu|cuda] [--dtype fp32|bf16] [--cuda-graph]
-        [--tokenizer tiny|none|PATH] [--sampler-repeats 3]
+        [--tokenizer tiny|none|PATH] [--sampler-repeats 3] [--sampler-only]
 
 Setups: one model per block shape, identical but for model.block_shape and built from the same
 seed (the same weights and weight layout): rows 1x1xW (NBP's default, one token row per step),
@@ -13,9 +13,9 @@ through nbp_mega.generate (KV cache, one forward per block). CONFIG (default
 configs/nbp_700m.yaml: the paper's K600 layout, 5x16x16 grid, vocabulary 64000, no start block)
 sets the layout; --size picks the model: a row of the size table (700m, ...) or "cpu", the CPU
 default of 8 layers, d=512, 8 heads (25M parameters in the layers, 33M in the head over 64000
-ids): big enough that a step's time is the model's (a step issues ~150 kernels, ~1-2 ms of
-Python, against ~25 ms for NTP's single token and more for blocks), small enough that the
-whole run takes a few minutes on 2 cores (NTP's 768 steps per clip dominate). Each clip gets
+ids): a size at which a step is the model's time (measured: the engine's own Python is
+< 1% of a step, NTP's one-token forward ~55 ms), and the run still fits in ~10 minutes on 2
+cores (NTP's 768 steps per clip at batch 8 are half of it). Each clip gets
 the first --given-frames latent frames (random ids) and generates the rest, as the paper
 measures K600 (2 latent frames = 5 video frames given, 12 generated; NBP_FACTS.md section 2).
 Sampling: the paper's top-k 16000, top-p 0.9, temperature 1.
@@ -30,7 +30,7 @@ are timed by wrapping them (CUDA: synchronised); then the tokenizer decodes the 
 [B, 3, 17, 128, 128] pixels), timed apart. The load of the machine (nbp_mega/machine_load.py)
 is recorded throughout: README figures only from a run whose machine record says "quiet".
 
---cuda-graph (CUDA): the steps replay CUDA graphs (nbp_mega.generate.cuda_graph.GraphedSteps,
+--cuda-graph (CUDA): the steps replay CUDA graphs (generate(cuda_graph=True): GraphedSteps,
 captured in the warm-up clip); records are then "variant": "cuda_graph" and eager ones are
 timed too, in the same rounds. If capturing fails, the graph records carry the error.
 
@@ -61,7 +61,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import inspect
 import json
 import os
 import platform
@@ -78,7 +77,6 @@ sys.path.insert(0, ROOT)
 from nbp_mega.config import load_config  # noqa: E402
 from nbp_mega.generate import (  # noqa: E402
     SamplingConfig,
-    StaticKVCache,
     engine,
     generate,
     sampling,
@@ -153,56 +151,6 @@ class Clock:
                     setattr(obj, name, old)
 
 
-# -- CUDA graphs through the engine ----------------------------------------------------------
-class GraphedModel:
-    """The model as generate() sees it, its cached steps replayed from CUDA graphs: one
-    persistent KV cache and GraphedSteps per batch (a stale cache is harmless: keys past a
-    step's block are masked); everything else is the model's."""
-
-    def __init__(self, model):
-        self.model, self.caches, self.steps = model, {}, {}
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-    def cache_for(self, batch: int):
-        from nbp_mega.generate.cuda_graph import GraphedSteps
-
-        if batch not in self.caches:
-            self.caches[batch] = StaticKVCache.for_model(self.model, batch)
-            self.steps[id(self.caches[batch])] = GraphedSteps(self.model, self.caches[batch],
-                                                              batch)
-        return self.caches[batch]
-
-    def hidden_states(self, ids, start=0, cache=None):
-        steps = self.steps.get(id(cache))
-        return self.model.hidden_states(ids, start, cache) if steps is None else steps(ids, start)
-
-
-class _Caches:
-    """Stands in for StaticKVCache in the engine: a GraphedModel's persistent caches."""
-
-    @staticmethod
-    def for_model(model, batch: int):
-        if isinstance(model, GraphedModel):
-            return model.cache_for(batch)
-        return StaticKVCache.for_model(model, batch)
-
-
-@contextlib.contextmanager
-def graphed(model, wrapped: GraphedModel):
-    """(the model to hand generate(), its extra arguments) for CUDA-graph steps: the engine's
-    own flag where it has one, else `wrapped` with the engine's cache class swapped."""
-    if "cuda_graph" in inspect.signature(generate).parameters:
-        yield model, {"cuda_graph": True}
-        return
-    original, engine.StaticKVCache = engine.StaticKVCache, _Caches
-    try:
-        yield wrapped, {}
-    finally:
-        engine.StaticKVCache = original
-
-
 # -- the sampler alone: before and after -----------------------------------------------------
 def former_sample(logits, cfg, generators):
     """The sampler as it was before (commit 359eafc): filter over V (top-k mask, full sort for
@@ -255,13 +203,13 @@ def build_model(cfg, dims, shape: list[int], device, dtype) -> NBPTransformer:
     return model.to(device=device, dtype=dtype).eval()
 
 
-def run_clip(model, batch: int, seed: int, given: int, extra: dict) -> torch.Tensor:
+def run_clip(model, batch: int, seed: int, given: int, cuda_graph: bool) -> torch.Tensor:
     """One batch of clips, the first `given` latent frames given (random ids)."""
     g = torch.Generator().manual_seed(seed)
     _, H, W = model.cfg.grid
     context = torch.randint(0, model.cfg.vocab_size, (batch, given, H, W), generator=g)
     return generate(model, seeds=list(range(seed, seed + batch)), context=context,
-                    sampling=SamplingConfig(), **extra)
+                    sampling=SamplingConfig(), cuda_graph=cuda_graph)
 
 
 class Setup:
@@ -271,20 +219,18 @@ class Setup:
         self.name, self.model, self.batch, self.variant = name, model, batch, variant
         self.rounds: list[dict] = []
         self.error: str | None = None
-        self.graphed = GraphedModel(model) if variant == "cuda_graph" else None
 
     @property
     def label(self) -> str:
         return f"{self.name} b{self.batch} {self.variant}"
 
     def clip(self, seed: int, given: int, clock: Clock, tokenizer) -> dict:
-        ctx = (graphed(self.model, self.graphed) if self.graphed is not None
-               else contextlib.nullcontext((self.model, {})))
         clock.reset()
-        with ctx as (model, extra), clock.attached(self.model):
+        with clock.attached(self.model):
             clock.sync()
             start = time.perf_counter()
-            tokens = run_clip(model, self.batch, seed, given, extra)
+            tokens = run_clip(self.model, self.batch, seed, given,
+                              cuda_graph=self.variant == "cuda_graph")
             clock.sync()
             seconds = time.perf_counter() - start
         decode = None

@@ -3,7 +3,7 @@
     python tools/sample.py RUN_DIR_OR_CHECKPOINT --out DIR [--checkpoint NAME] [--num N]
         [--labels ...] [--prefix-tokens FILE.npy --prefix-frames K] [--prefix-video FILE]
         [--image FILE] [--greedy] [--seed S] [--top-k K] [--top-p P] [--temperature T]
-        [--cfg-scale G] [--tokenizer PATH] [--batch-size B] [--fps F]
+        [--cfg-scale G] [--tokenizer PATH] [--batch-size B] [--fps F] [--cuda-graph]
         [--prompts TEXT [TEXT ...] --text-tokenizer FILE.model]
     torchrun --nproc-per-node 2 tools/sample.py ...   # tensor parallel over WORLD_SIZE ranks
 
@@ -75,6 +75,8 @@ def parse_args(argv):
     p.add_argument("--tokenizer", default=None, help="video tokenizer file or preset")
     p.add_argument("--batch-size", type=int, default=8, help="clips per forward")
     p.add_argument("--fps", type=int, default=8, help="frame rate of the MP4 and GIF files")
+    p.add_argument("--cuda-graph", action="store_true", help="replay each step from a CUDA "
+                   "graph (on a GPU; captured in the first batch, reused by the others)")
     args = p.parse_args(argv)
     if args.num < 1 or args.batch_size < 1:
         p.error(f"--num {args.num}, --batch-size {args.batch_size}: expected both >= 1")
@@ -226,7 +228,7 @@ def conditioning(args, model, tokenizer) -> tuple[dict, dict]:
 
 
 def generate_clips(model, seeds: list[int], cond: dict, sampling, batch_size: int,
-                   progress: bool) -> torch.Tensor:
+                   progress: bool, cuda_graph: bool = False) -> torch.Tensor:
     """Every clip, batch_size at a time -> token grids [N, T, H, W] on the CPU."""
     from tqdm import tqdm
 
@@ -238,7 +240,8 @@ def generate_clips(model, seeds: list[int], cond: dict, sampling, batch_size: in
             rows = slice(lo, lo + batch_size)
             part = {k: v[rows] for k, v in cond.items() if v is not None}
             out.append(generate(model, seeds=seeds[rows], sampling=sampling,
-                                on_step=lambda *_: bar.update(1), **part).cpu())
+                                on_step=lambda *_: bar.update(1), cuda_graph=cuda_graph,
+                                **part).cpu())
     return torch.cat(out)
 
 
@@ -293,7 +296,8 @@ def sample(args, dims) -> dict:
     sampling = sampling_from(args)
     cond, record = conditioning(args, model, tokenizer)
     seeds, loaded = [args.seed + i for i in range(args.num)], time.perf_counter()
-    tokens = generate_clips(model, seeds, cond, sampling, args.batch_size, dims.rank == 0)
+    tokens = generate_clips(model, seeds, cond, sampling, args.batch_size, dims.rank == 0,
+                            args.cuda_graph)
     if dims.device.type == "cuda":
         torch.cuda.synchronize()
     generated = time.perf_counter()

@@ -241,11 +241,16 @@ at::Tensor unpad(const at::Tensor& x, int64_t d, at::ScalarType dtype) {
 
 const char* isa() { return tile_kernels().isa; }
 
-std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k,
-                                           const at::Tensor& v, int64_t block_len,
+std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k_all,
+                                           const at::Tensor& v_all, int64_t block_len,
                                            int64_t prefix_len, int64_t q_offset, double scale) {
-  check_attention_inputs("block_causal_attention (CPU)", q, k, v, block_len, prefix_len,
+  check_attention_inputs("block_causal_attention (CPU)", q, k_all, v_all, block_len, prefix_len,
                          q_offset, scale);
+  // Keys past the last query's block are seen by no query: left out before the transposing
+  // copy, which would otherwise cost O(Sk D) per call for a few queries against a KV cache.
+  const int64_t seen = q.size(2) == 0 ? 0
+      : make_schedule(q, k_all, block_len, prefix_len, q_offset).key_end(q.size(2) - 1);
+  const at::Tensor k = k_all.narrow(2, 0, seen), v = v_all.narrow(2, 0, seen);
   const int64_t B = q.size(0), N = q.size(1), sq = q.size(2), sk = k.size(2), d = q.size(3);
   const int64_t dp = round_up(d, kPad), skp = round_up(sk, kPad);
   at::Tensor q_keep, k_keep, v_keep;

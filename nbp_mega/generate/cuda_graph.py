@@ -37,9 +37,19 @@ from __future__ import annotations
 
 import torch
 
+from nbp_mega.generate.kv_cache import StaticKVCache
 from nbp_mega.ops import use_attention_impl
 
 WARMUP_RUNS = 2  # eager runs of a step on a side stream before its capture
+
+
+def _cuda_device(model) -> torch.device:
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        raise ValueError(f"CUDA graphs (GraphedSteps, generate(cuda_graph=True)): the model's "
+                         f"parameters are on {device}; move the model to a CUDA device, or "
+                         "generate without CUDA graphs (eagerly)")
+    return device
 
 
 class GraphedSteps:
@@ -48,11 +58,7 @@ class GraphedSteps:
     (start, S[, n]), captured on first use. ids [B, S] (any device; copied in)."""
 
     def __init__(self, model, cache, batch: int, *, attention: str = "block_loop"):
-        device = next(model.parameters()).device
-        if device.type != "cuda":
-            raise ValueError(f"GraphedSteps captures CUDA graphs: the model's parameters are on "
-                             f"{device}; move the model to a CUDA device, or generate without "
-                             "CUDA graphs (eagerly)")
+        device = _cuda_device(model)
         if cache.k.device != device or cache.k.shape[1] != batch:
             raise ValueError(f"GraphedSteps: the KV cache holds {cache.k.shape[1]} rows on "
                              f"{cache.k.device}; expected batch={batch} rows on {device}, the "
@@ -64,6 +70,21 @@ class GraphedSteps:
         self._outputs: dict[tuple, torch.Tensor] = {}  # output shape -> static buffer
         self._pool = torch.cuda.graph_pool_handle()
         self._stream = torch.cuda.Stream(device)  # warm-up and capture
+
+    @classmethod
+    def for_model(cls, model, batch: int) -> GraphedSteps:
+        """The model's graphed steps for `batch` rows, with their own KV cache: made on the
+        first call, the same object (graphs already captured) on later ones. A cache left
+        from an earlier clip is harmless: a step reads only keys its clip has written. Kept on
+        the model (`model._graphed_steps`, {(batch, device): GraphedSteps}): they live and go
+        with it."""
+        device = _cuda_device(model)
+        per_model = model.__dict__.setdefault("_graphed_steps", {})
+        steps = per_model.get((batch, device))
+        if steps is None:
+            steps = cls(model, StaticKVCache.for_model(model, batch), batch)
+            per_model[batch, device] = steps
+        return steps
 
     @property
     def num_graphs(self) -> int:

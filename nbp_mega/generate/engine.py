@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from nbp_mega.generate.cuda_graph import GraphedSteps
 from nbp_mega.generate.kv_cache import StaticKVCache
 from nbp_mega.generate.sampling import SamplingConfig, sample
 from nbp_mega.parallel.collectives import gather_last_dim, tensor_parallel_group
@@ -81,17 +82,29 @@ def _id_buffer(model, batch: int, labels, text, context, guide: bool, device) ->
     return layout.id_buffer(prefix.to(device), seq)
 
 
+def _step_fn(model, rows: int, cuda_graph: bool):
+    """step(ids [rows, S], start, n) -> this rank's logits [rows, n, V/tp] of the step's last
+    n positions: eager against a fresh cache, or replayed from the model's CUDA graphs."""
+    if cuda_graph:
+        return GraphedSteps.for_model(model, rows).logits
+    cache = StaticKVCache.for_model(model, rows)
+    return lambda ids, start, n: model.logits(model.hidden_states(ids, start, cache)[:, -n:])
+
+
 @torch.no_grad()
 def generate(model, *, seeds: list[int], labels: torch.Tensor | None = None,
              text: torch.Tensor | None = None, context: torch.Tensor | None = None,
-             sampling: SamplingConfig | None = None, on_step=None) -> torch.Tensor:
+             sampling: SamplingConfig | None = None, on_step=None,
+             cuda_graph: bool = False) -> torch.Tensor:
     """Sample len(seeds) clips -> token grids [B, T, H, W].
 
     labels [B] class ids (class-conditional models); text [B, model.text_len] text ids in
     fixed form (text-conditional models: `TextTokenizer.encode_fixed`); context [B, K, H, W]
     the first K latent frames, given (frame prediction; K a multiple of the block's frames).
     Sample b depends only on seeds[b] and its own conditioning. on_step(done, total) is
-    called after each forward step (progress bars).
+    called after each forward step (progress bars). cuda_graph (CUDA): every step replays a
+    CUDA graph (`GraphedSteps`), captured on the first call with this batch size and reused
+    by later calls; the same logits as the eager steps.
     """
     sampling = sampling or SamplingConfig()
     model.eval()
@@ -101,14 +114,14 @@ def generate(model, *, seeds: list[int], labels: torch.Tensor | None = None,
     guide = _check_guidance(model, sampling)
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     ids = _id_buffer(model, batch, labels, text, context, guide, device)
-    cache = StaticKVCache.for_model(model, ids.shape[0])
+    step_logits = _step_fn(model, ids.shape[0], cuda_graph)
     source = layout.input_source.to(device)
     video = ids[:, layout.prefix_len + len(layout.fixed_ids):]  # a view: samples land in ids
     windows = layout.generation_windows(first)
     for step, (lo, hi, n) in enumerate(windows):
-        h = model.hidden_states(ids[:, source[lo:hi]], lo, cache)[:, -n:]
         # full-vocabulary logits on every TP rank: each samples the same tokens
-        logits = gather_last_dim(model.logits(h), tensor_parallel_group(model))
+        logits = gather_last_dim(step_logits(ids[:, source[lo:hi]], lo, n),
+                                 tensor_parallel_group(model))
         if guide:
             logits = _guided(logits, batch, sampling.guidance_scale)
         tokens = sample(logits, sampling, generators)  # [B, n]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nbp_mega.generate import StaticKVCache
+from nbp_mega.generate import StaticKVCache, generate
 from nbp_mega.generate.cuda_graph import GraphedSteps
 from nbp_mega.model import NBPTransformer
 from nbp_mega.ops import use_attention_impl
@@ -28,6 +28,8 @@ def test_graphed_steps_refuse_a_cpu_model(dims):
     cache = StaticKVCache.for_model(model, 2)
     with pytest.raises(ValueError, match="parameters are on cpu; move the model to a CUDA"):
         GraphedSteps(model, cache, 2)
+    with pytest.raises(ValueError, match="parameters are on cpu; move the model to a CUDA"):
+        generate(model, seeds=[0, 1], cuda_graph=True)
 
 
 def steps_of(model, input_ids):
@@ -43,8 +45,8 @@ def steps_of(model, input_ids):
 @pytest.mark.parametrize("block", [[1, 1, 8], [1, 1, 1]], ids=["rows", "ntp"])
 def test_graphed_steps_equal_eager_steps(dims, block):
     model = build(dims, "cuda", block_shape=block, num_classes=3)
-    tokens = torch.randint(0, 50, (2, *model.cfg.grid), device="cuda")
-    input_ids, _ = model.layout.build(tokens, torch.tensor([0, 2], device="cuda"))
+    tokens = torch.randint(0, 50, (2, *model.cfg.grid))
+    input_ids = model.layout.build(tokens, torch.tensor([0, 2]))[0].cuda()
     eager_cache = StaticKVCache.for_model(model, 2)
     graph_cache = StaticKVCache.for_model(model, 2)
     steps = GraphedSteps(model, graph_cache, 2)
@@ -59,3 +61,22 @@ def test_graphed_steps_equal_eager_steps(dims, block):
                                            model.logits(eager), atol=1e-5, rtol=1e-5)
         assert steps.num_graphs == 2 * len(list(steps_of(model, ids)))  # none recaptured
     torch.testing.assert_close(graph_cache.k, eager_cache.k, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("changes", [dict(block_shape=[1, 1, 8], num_classes=3),
+                                     dict(block_shape=[1, 1, 1], num_classes=3),
+                                     dict(text_len=4, text_vocab=20, hybrid_start=True)],
+                         ids=["rows", "ntp", "text-hybrid"])
+def test_generate_with_cuda_graphs_equals_eager(dims, changes):
+    model = build(dims, "cuda", **changes)
+    cond = ({"labels": torch.tensor([2, 0])} if model.cfg.num_classes else
+            {"text": torch.randint(0, 20, (2, 4))})
+    with use_attention_impl("block_loop"):  # the graphs' attention
+        eager = generate(model, seeds=[3, 4], **cond)
+        graphed = generate(model, seeds=[3, 4], cuda_graph=True, **cond)
+        steps = GraphedSteps.for_model(model, 2)
+        captured = steps.num_graphs
+        again = generate(model, seeds=[3, 4], cuda_graph=True, **cond)
+    assert torch.equal(graphed, eager) and torch.equal(again, eager)
+    assert captured > 0 and steps.num_graphs == captured  # the second call replays them

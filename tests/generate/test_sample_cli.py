@@ -194,6 +194,7 @@ def bad_inputs(tmp_path, tokenizer_file) -> dict[str, tuple[list[str], str]]:
                   "junk.mp4: not a readable video container"),
         "image": (["--image", f"{tmp_path}/junk.png", *tok], "junk.png: not a readable video"),
         "missing": (["--image", f"{tmp_path}/none.png", *tok], "none.png: file not found"),
+        "cuda_graph": (["--cuda-graph"], "parameters are on cpu; move the model to a CUDA"),
     }
 
 

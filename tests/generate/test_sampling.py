@@ -40,14 +40,24 @@ def assert_inverse_cdf_of(ids: torch.Tensor, probs: torch.Tensor) -> None:
         assert 1 + (row[1:] != row[:-1]).sum() == row.unique().numel()
 
 
-@pytest.mark.parametrize("name", CONFIGS)
-@pytest.mark.parametrize("spread", [2.0, 1e-4], ids=["spread", "flat"])
-def test_draw_is_an_inverse_cdf_of_the_filtered_distribution(name, spread):
-    # flat: all probabilities within one histogram bin of the nucleus search
-    cfg = CONFIGS[name]
+def logits_of(kind: str) -> torch.Tensor:
+    """[3, 200] logits, 20 padded ids at -inf. spread: distinct probabilities; flat: all
+    within one bin of the nucleus search; clustered: 40 near-equal tokens after 3 larger ones,
+    where the nucleus ends (inside one bin, with weight in the bins before it)."""
     torch.manual_seed(0)
-    logits = torch.randn(3, 200) * spread
+    logits = torch.randn(3, 200) * (1e-4 if kind == "flat" else 2.0)
+    if kind == "clustered":
+        logits[:, :3] = torch.tensor([3.0, 2.5, 2.0])
+        logits[:, 3:43] = 1 + 1e-4 * torch.randn(3, 40)
+        logits[:, 43:] -= 6
     logits[:, 180:] = float("-inf")  # padded ids, as model.logits leaves them
+    return logits
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("kind", ["spread", "flat", "clustered"])
+def test_draw_is_an_inverse_cdf_of_the_filtered_distribution(name, kind):
+    cfg, logits = CONFIGS[name], logits_of(kind)
     probs = filter_logits(logits, cfg).softmax(dim=-1)
     assert_inverse_cdf_of(grid_draws(logits, cfg), probs)
 

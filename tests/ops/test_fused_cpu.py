@@ -59,6 +59,7 @@ def test_batch_and_heads(B, N):  # few heads split the backward's key tiles into
     (5, 300, 0, 16, 5),  # prefix queries only
     (50, 300, 0, 16, 0),  # keys past the last query's block: seen by nobody
     (64, 200, 100, 1, 0),  # causal, offset
+    (1, 300, 150, 1, 0),  # one token (NTP) against a KV cache buffer: half its keys unseen
 ])
 def test_kv_cache_offsets(sq, sk, q_offset, L, P):
     assert_matches_reference(*qkv(sk, sq=sq), L, P, q_offset)
