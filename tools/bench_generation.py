@@ -190,7 +190,7 @@ def bench_sampler(batches, vocab: int, positions: int, repeats: int, device, clo
         new, old = statistics.median(times["new"]), statistics.median(times["former"])
         records.append({"shape": "sampler", "batch": batch, "positions": positions,
                         "vocab": vocab, "top_k": cfg.top_k, "top_p": cfg.top_p,
-                        "seconds": round(new, 5), "former_seconds": round(old, 5),
+                        "seconds": sig(new), "former_seconds": sig(old),
                         "speedup": round(old / new, 2), "repeats": repeats})
     return records
 
@@ -257,18 +257,23 @@ def summarise(s: Setup, given: int, ft: int) -> dict:
               if s.rounds[0]["decode_seconds"] is not None else None)
     steps = s.rounds[0]["steps"]
     return {**out, "steps": steps, "tokens": tokens, "generated_frames": frames,
-            "seconds": round(seconds, 5),
-            "seconds_by_round": [round(r["seconds"], 5) for r in s.rounds],
-            "tokens_per_s": round(tokens / seconds, 2),
-            "video_frames_per_s": round(s.batch * frames / seconds, 4),
-            "decode_seconds": None if decode is None else round(decode, 5),
+            "seconds": sig(seconds),
+            "seconds_by_round": [sig(r["seconds"]) for r in s.rounds],
+            "tokens_per_s": sig(tokens / seconds),
+            "video_frames_per_s": sig(s.batch * frames / seconds),
+            "decode_seconds": None if decode is None else sig(decode),
             "video_frames_per_s_with_decode":
-                None if decode is None else round(s.batch * frames / (seconds + decode), 4),
-            "forward_seconds": round(median["forward_seconds"], 5),
-            "sampler_seconds": round(median["sampler_seconds"], 5),
-            "sampler_overhead": round(1 - median["forward_seconds"] / seconds, 4),
-            "sampler_fraction": round(median["sampler_seconds"] / seconds, 4),
-            "step_seconds": round(seconds / steps, 6), "rounds": len(s.rounds)}
+                None if decode is None else sig(s.batch * frames / (seconds + decode)),
+            "forward_seconds": sig(median["forward_seconds"]),
+            "sampler_seconds": sig(median["sampler_seconds"]),
+            "sampler_overhead": sig(1 - median["forward_seconds"] / seconds),
+            "sampler_fraction": sig(median["sampler_seconds"] / seconds),
+            "step_seconds": sig(seconds / steps), "rounds": len(s.rounds)}
+
+
+def sig(x: float, digits: int = 6) -> float:
+    """`x` to `digits` significant figures: a fixed number of decimals loses a fast clip's time."""
+    return float(f"{x:.{digits}g}")
 
 
 def ratio(a, b):
