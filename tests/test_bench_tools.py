@@ -298,7 +298,7 @@ def test_bench_generation_records_add_up():
     records = json.loads(proc.stdout)
     machine, kinds = records[0], [r["shape"] for r in records]
     assert machine["shape"] == "machine" and machine["quiet"] == machine["load"]["quiet"]
-    assert "load_average" in machine["load"] and kinds[-1] == "targets"
+    assert "load_average" in machine["load"] and kinds[-2:] == ["targets", "roofline"]
     for r in (r for r in records if r["shape"] == "sampler"):  # before/after, side by side
         assert r["speedup"] == pytest.approx(r["former_seconds"] / r["seconds"], rel=0.05)
     setups = {(r["shape"], r["batch"]): r for r in records if r["shape"] in BLOCK_LEN}
@@ -317,7 +317,8 @@ def test_bench_generation_records_add_up():
         assert r["sampler_overhead"] == pytest.approx(1 - r["forward_seconds"] / seconds,
                                                       abs=2e-3)
         assert r["sampler_fraction"] <= r["sampler_overhead"] + 2e-3  # outside the forward
-    targets = records[-1]["targets"]
+    goals, floor = records[-2:]
+    targets = goals["targets"]
     for ratios in (r for r in records if r["shape"] == "ratios"):
         rows, ntp = setups["rows", ratios["batch"]], setups["ntp", ratios["batch"]]
         fps = "video_frames_per_s"
@@ -331,7 +332,22 @@ def test_bench_generation_records_add_up():
         assert t["value"] == setups[t["setup"], t["batch"]]["sampler_overhead"]
         assert t["met"] == (t["value"] <= 0.10)
     met = [t["met"] for t in targets]
-    assert records[-1]["all_met"] == all(met) and len(targets) == 2 * 4
+    assert goals["all_met"] == all(met) and len(targets) == 2 * 4
+    # the roofline: 1 gpt layer of d=32 (qkv, proj, fc, proj: 12 d^2) and a head over the
+    # (padded) vocabulary of 64 ids; the embedding tables are not matmul weights
+    head = floor["matmul_weights"] - 12 * 32 ** 2
+    assert head % 32 == 0 and head >= 64 * 32
+    assert floor["flops_per_token"] == 2 * floor["matmul_weights"]
+    assert floor["weight_bytes"] == 4 * floor["matmul_weights"]  # fp32
+    gemm, read = floor["gemm_flops_per_s"], floor["read_bytes_per_s"]
+    assert gemm > 1e8 and read > 1e8
+    assert [f["batch"] for f in floor["floors"]] == [1, 2]
+    for f in floor["floors"]:
+        assert f["rows_seconds"] == pytest.approx(f["batch"] * 32 * floor["flops_per_token"]
+                                                  / gemm, rel=1e-5)
+        ntp = 32 * max(floor["weight_bytes"] / read, f["batch"] * floor["flops_per_token"] / gemm)
+        assert f["ntp_seconds"] == pytest.approx(ntp, rel=1e-5)
+        assert f["rows_over_ntp"] == pytest.approx(ntp / f["rows_seconds"], abs=0.01)
 
 
 BLOCK_LEN = {"rows": 8, "frames": 32, "ntp": 1}

@@ -53,7 +53,10 @@ timed too, in the same rounds. If capturing fails, the graph records carry the e
      0.80 (700M on one A100)}                                              (per batch, variant)
     {"shape": "targets", all_met, targets: [{target, batch, setup, variant, value, limit,
      met}]}: on the CPU, NBP rows >= 11x NTP in video frames/s and sampler_overhead <= 0.10;
-     met is null where a value is missing, and every target is null on other devices  (last)
+     met is null where a value is missing, and every target is null on other devices
+    {"shape": "roofline", gemm_flops_per_s, gemm_n, read_bytes_per_s, matmul_weights,
+     weight_bytes, flops_per_token, floors: [{batch, rows_seconds, ntp_seconds,
+     rows_over_ntp}]}: the fastest clips this device allows (see roofline())       (last)
 """
 
 from __future__ import annotations
@@ -345,6 +348,10 @@ def markdown(records: list[dict]) -> str:
     lines += [f"| {r['variant']} | {r['batch']} | {r['rows_video_frames_per_s']} | "
               f"{r['ntp_video_frames_per_s']} | 8.89 / 0.80 |"
               for r in records if r["shape"] == "paper"]
+    for r in (r for r in records if r["shape"] == "roofline"):
+        floors = ", ".join(f"batch {f['batch']} {f['rows_over_ntp']}x" for f in r["floors"])
+        lines += ["", f"roofline: GEMM {r['gemm_flops_per_s'] / 1e9:.0f} GFLOP/s, read "
+                  f"{r['read_bytes_per_s'] / 1e9:.0f} GB/s; the most rows / NTP can be: {floors}"]
     return "\n".join(lines)
 
 
@@ -429,8 +436,53 @@ def run(args, cfg, dims, watch: LoadWatch) -> tuple[list[dict], int]:
                 s.error = f"{type(e).__name__}: {e}"
             watch.sample(f"round {r} {s.label}")
     rows = [summarise(s, args.given_frames, ft) for s in setups]
-    params = sum(p.numel() for p in models[args.setups[0]].parameters())
-    return records + rows + comparisons(rows, device.type), params
+    model = models[args.setups[0]]
+    params = sum(p.numel() for p in model.parameters())
+    floor = roofline(model, device, dtype, args.batches, args.given_frames)
+    watch.sample("roofline")
+    return records + rows + comparisons(rows, device.type) + [floor], params
+
+
+# -- the roofline ----------------------------------------------------------------------------
+def roofline(model, device, dtype, batches, given: int) -> dict:
+    """The fastest a clip could go on this device: measured matmul rate and weight-read rate,
+    the model's matmul weights (all 2-D parameters but the embedding tables: what every token
+    multiplies and every step reads), and per batch the floor of a rows clip (all its tokens'
+    matmul FLOPs at the GEMM rate) and an NTP clip (per step the larger of reading the weights
+    and its batch's FLOPs), their ratio the most rows / NTP can be here. Attention, the
+    sampler and everything else only add to both."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def seconds(fn, repeats=5):
+        fn()
+        sync()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    n = 4096 if device.type == "cuda" else 1024
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    gemm = 2 * n ** 3 / seconds(lambda: a @ b)
+    big = torch.randn(64 * 2 ** 20, device=device, dtype=dtype)  # 256 MB at fp32
+    read = big.numel() * big.element_size() / seconds(lambda: big.sum())
+    weights = sum(p.numel() for name, p in model.named_parameters()
+                  if p.dim() == 2 and not name.startswith(("tok_emb", "pos_emb")))
+    weight_bytes = weights * torch.finfo(dtype).bits // 8
+    T, H, W = model.cfg.grid
+    tokens = (T - given) * H * W
+    floors = []
+    for batch in batches:
+        rows = batch * tokens * 2 * weights / gemm
+        ntp = tokens * max(weight_bytes / read, batch * 2 * weights / gemm)
+        floors.append({"batch": batch, "rows_seconds": sig(rows), "ntp_seconds": sig(ntp),
+                       "rows_over_ntp": round(ntp / rows, 2)})
+    return {"shape": "roofline", "gemm_flops_per_s": sig(gemm), "gemm_n": n,
+            "read_bytes_per_s": sig(read), "matmul_weights": weights,
+            "weight_bytes": weight_bytes, "flops_per_token": 2 * weights, "floors": floors}
 
 
 def machine_record(args, cfg, load: dict, params: int) -> dict:
