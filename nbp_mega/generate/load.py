@@ -3,6 +3,7 @@
     model, cfg = load_trained_model("runs/tiny", dims=dims)                  # checkpoints/latest
     model, cfg = load_trained_model("runs/tiny", "step_00000100", dims=dims)
     model, cfg = load_trained_model("runs/tiny/checkpoints/step_00000100", dims=dims)
+    model, cfg = load_trained_model("tiny.pt", dims=dims)    # tools/convert_to_hf.py --state-dict
 
 The model is built at this job's tensor-parallel size (dims.tp), whatever the run trained with:
 each rank loads its own shard, cut from the TP-merged, ZeRO-gathered fp32 weights
@@ -61,9 +62,20 @@ def load_trained_model(run_dir: str, checkpoint: str | None = None, *, dims,
     from nbp_mega.parallel.tp_shards import TPPlan
     from nbp_mega.parallel.zero_checkpoint import TrainingCheckpoint
 
-    cfg, path = resolve_checkpoint(run_dir, checkpoint)
-    ckpt = TrainingCheckpoint(path)  # refuses an incomplete checkpoint before any model work
-    model = NBPTransformer(cfg.model, TensorParallel(dims, init_std=cfg.model.init_std))
-    state = ckpt.shard_state_dict(TPPlan.of(model), tp=dims.tp, rank=dims.tp_rank)
+    if os.path.isfile(run_dir):  # a plain state-dict file (nbp_mega.export.state_dict)
+        from nbp_mega.export.state_dict import read_state_dict
+
+        if checkpoint is not None:
+            raise ValueError(f"{run_dir} is a state-dict file, not a run: expected no "
+                             f"checkpoint name (got {checkpoint})")
+        cfg, full = read_state_dict(run_dir)
+        model = NBPTransformer(cfg.model, TensorParallel(dims, init_std=cfg.model.init_std))
+        plan = TPPlan.of(model)
+        state = plan.split(full, tp=dims.tp, rank=dims.tp_rank)
+    else:
+        cfg, path = resolve_checkpoint(run_dir, checkpoint)
+        ckpt = TrainingCheckpoint(path)  # refuses an incomplete checkpoint before model work
+        model = NBPTransformer(cfg.model, TensorParallel(dims, init_std=cfg.model.init_std))
+        state = ckpt.shard_state_dict(TPPlan.of(model), tp=dims.tp, rank=dims.tp_rank)
     model.load_state_dict(state, strict=True)
     return model.to(device or dims.device).eval(), cfg
