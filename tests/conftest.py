@@ -38,3 +38,27 @@ def tiny_model_config(**changes) -> ModelConfig:
                 vocab_pad_multiple=16)
     base.update(changes)
     return ModelConfig(**base).resolved()
+
+
+@pytest.fixture(scope="session")
+def tp2_run(tmp_path_factory):
+    """A run dir trained 2 steps at parallel.tensor=2 x dp=2, ZeRO-3 on 4 gloo ranks (the
+    layout DeepSpeed's zero_to_fp32 refuses), checkpoint at the end; the vocabulary padded
+    (32 video ids -> 48 head rows) so that exports have rows to drop."""
+    import os
+    import sys
+
+    from nbp_mega.data.synthetic import write_synthetic_shards
+    from tests.test_train import ROOT, overrides, run
+
+    tmp = tmp_path_factory.mktemp("tp2_run")
+    write_synthetic_shards(str(tmp / "data"), num_train=64, num_val=16, grid=(2, 4, 8),
+                           vocab=32, classes=4, shard_size=16, seed=0, noise=0.02)
+    run_dir = tmp / "run"
+    run(["bash", f"{ROOT}/launch.sh", f"{ROOT}/configs/tiny.yaml",
+         *overrides(tmp / "data", run_dir, "parallel.tensor=2", "parallel.zero_stage=3",
+                    "train.steps=2", "train.eval_every=0", "model.vocab_pad_multiple=24")],
+        cwd=tmp, NPROC_PER_NODE="4",
+        # DeepSpeed JIT-builds a CPU op per venv; a shared cache rebuilds it for every variant
+        TORCH_EXTENSIONS_DIR=os.path.join(sys.prefix, "torch_extensions"))
+    return run_dir

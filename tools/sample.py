@@ -7,8 +7,9 @@
         [--prompts TEXT [TEXT ...] --text-tokenizer FILE.model]
     torchrun --nproc-per-node 2 tools/sample.py ...   # tensor parallel over WORLD_SIZE ranks
 
-RUN_DIR_OR_CHECKPOINT: a run directory (its latest checkpoint, or --checkpoint NAME) or one
-checkpoint folder inside it (RUN/checkpoints/step_00000300). Any ZeRO stage.
+RUN_DIR_OR_CHECKPOINT: a run directory (its latest checkpoint, or --checkpoint NAME), one
+checkpoint folder inside it (RUN/checkpoints/step_00000300), any ZeRO stage and TP size, or a
+state-dict file written by tools/convert_to_hf.py --state-dict.
 Writes (rank 0 only; every rank generates):
   DIR/tokens.npy      int64 [N, T, H, W]: the whole clips, given frames included
   DIR/samples.json    settings, seeds, labels, steps, timings, checkpoint, model summary
@@ -278,14 +279,20 @@ def load(args, dims):
     from nbp_mega.generate.load import load_trained_model
     from nbp_mega.tokenizer.video import load_video_tokenizer
 
-    run_dir, name = resolve_checkpoint(args.run, args.checkpoint)
-    model, cfg = load_trained_model(run_dir, name, dims=dims)
+    if os.path.isfile(args.run):  # a state-dict file (tools/convert_to_hf.py --state-dict)
+        run_dir, name, path = None, None, os.path.abspath(args.run)
+        if args.checkpoint is not None:
+            raise UsageError(f"{args.run} is a state-dict file: expected no --checkpoint")
+        model, cfg = load_trained_model(path, dims=dims)
+    else:
+        run_dir, name = resolve_checkpoint(args.run, args.checkpoint)
+        path = os.path.join(run_dir, "checkpoints", name)
+        model, cfg = load_trained_model(run_dir, name, dims=dims)
     tokenizer = None
     if args.tokenizer:  # every rank: the same checks everywhere, and the prefix needs it
         tokenizer = load_video_tokenizer(args.tokenizer, device=dims.device)
         outputs.check_tokenizer(tokenizer, cfg.model)
-    record = {"run_dir": run_dir, "name": name,
-              "path": os.path.join(run_dir, "checkpoints", name)}
+    record = {"run_dir": run_dir, "name": name, "path": path}
     return model, cfg, record, tokenizer
 
 

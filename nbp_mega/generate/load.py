@@ -70,8 +70,8 @@ def load_trained_model(run_dir: str, checkpoint: str | None = None, *, dims,
                              f"checkpoint name (got {checkpoint})")
         cfg, full = read_state_dict(run_dir)
         model = NBPTransformer(cfg.model, TensorParallel(dims, init_std=cfg.model.init_std))
-        plan = TPPlan.of(model)
-        state = plan.split(full, tp=dims.tp, rank=dims.tp_rank)
+        extras = {k: v for k, v in model.state_dict().items() if not torch.is_tensor(v)}
+        state = {**extras, **TPPlan.of(model).split(full, tp=dims.tp, rank=dims.tp_rank)}
     else:
         cfg, path = resolve_checkpoint(run_dir, checkpoint)
         ckpt = TrainingCheckpoint(path)  # refuses an incomplete checkpoint before model work

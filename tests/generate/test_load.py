@@ -1,7 +1,8 @@
-"""A trained run's checkpoint loads for sampling (ZeRO-3, ZeRO-2, ZeRO-0): the loaded weights
-are the trained ones when their validation loss equals the one the run logged, and they equal
-what DeepSpeed's zero_to_fp32 gathers. (Tensor-parallel checkpoints: test_tp.py;
-tools/sample.py: test_sample_cli.py.)"""
+"""A trained run's checkpoint loads for sampling (ZeRO-3, ZeRO-2 with the optimizer offloaded
+to the CPU, ZeRO-0): the loaded weights are the trained ones when their validation loss equals
+the one the run logged, and they (and the Hugging Face export's) equal what DeepSpeed's
+zero_to_fp32 gathers. (Tensor-parallel checkpoints: test_tp.py; tools/sample.py:
+test_sample_cli.py; the export: tests/export/.)"""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from nbp_mega.data.loader import TextSpec, build_loaders, eval_batches
+from nbp_mega.export import export_hf, open_checkpoint
+from nbp_mega.export.weights import export_name
 from nbp_mega.generate.load import load_trained_model
 from nbp_mega.metrics import read_metrics
 from nbp_mega.parallel.tp_shards import TPPlan
@@ -55,6 +59,8 @@ def test_trained_weights_load_and_sample(shards, tmp_path, dims, zero_stage):
     run_dir = tmp_path / "run"
     # The ZeRO-0 run also trains for guidance: a no-condition token, dropped half the time.
     extra = ["model.cond_dropout=0.5"] if zero_stage == 0 else []
+    if zero_stage == 2:  # and the optimizer offloaded to the CPU
+        extra = ["parallel.offload_optimizer=true"]
     args = overrides(shards, run_dir, f"parallel.zero_stage={zero_stage}", "train.steps=3",
                      "train.eval_every=0", *extra)
     run([sys.executable, "-m", "nbp_mega.train", f"{ROOT}/configs/tiny.yaml", *args],
@@ -72,6 +78,13 @@ def test_trained_weights_load_and_sample(shards, tmp_path, dims, zero_stage):
         assert theirs.keys() == {k for k, v in ours.items() if torch.is_tensor(v)}
         for name, tensor in theirs.items():
             assert torch.equal(ours[name], tensor), name
+        # and so does the Hugging Face export (padded vocabulary rows dropped)
+        export_hf(*open_checkpoint(str(run_dir)), tmp_path / "hf")
+        exported = load_file(tmp_path / "hf" / "model.safetensors")
+        assert exported.keys() == {export_name(k) for k in theirs}
+        for name, tensor in theirs.items():
+            mine = exported[export_name(name)]
+            assert torch.equal(mine, tensor[:mine.shape[0]]), name
 
 
 def test_a_missing_run_or_checkpoint_is_named(tmp_path, dims):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import sys
 
 import pytest
 import torch
@@ -27,7 +26,6 @@ from nbp_mega.parallel.zero_checkpoint import CheckpointError, TrainingCheckpoin
 from tests.conftest import tiny_model_config
 from tests.generate.test_load import validation_loss
 from tests.spawn import run_distributed
-from tests.test_train import ROOT, overrides, run
 
 pytestmark = pytest.mark.distributed
 
@@ -37,24 +35,6 @@ SAMPLINGS = {"greedy": SamplingConfig(temperature=0.0),
 SEEDS, LABELS = [3, 4, 5], [0, 1, 2]
 # An untrained model beside the trained one: llama MLP (a gated column), non-raster blocks.
 RANDOM_MODEL = dict(family="llama", position="rope_3d", block_shape=[2, 2, 2], num_classes=3)
-
-
-@pytest.fixture(scope="module")
-def tp2_run(tmp_path_factory):
-    """A run dir trained 2 steps at parallel.tensor=2 x dp=2, ZeRO-3, checkpoint at the end."""
-    from nbp_mega.data.synthetic import write_synthetic_shards
-
-    tmp = tmp_path_factory.mktemp("tp2_run")
-    write_synthetic_shards(str(tmp / "data"), num_train=64, num_val=16, grid=(2, 4, 8),
-                           vocab=32, classes=4, shard_size=16, seed=0, noise=0.02)
-    run_dir = tmp / "run"
-    run(["bash", f"{ROOT}/launch.sh", f"{ROOT}/configs/tiny.yaml",
-         *overrides(tmp / "data", run_dir, "parallel.tensor=2", "parallel.zero_stage=3",
-                    "train.steps=2", "train.eval_every=0")],
-        cwd=tmp, NPROC_PER_NODE="4",
-        # DeepSpeed JIT-builds a CPU op per venv; a shared cache rebuilds it for every variant
-        TORCH_EXTENSIONS_DIR=os.path.join(sys.prefix, "torch_extensions"))
-    return run_dir
 
 
 def logged_val_loss(run_dir) -> float:
