@@ -64,6 +64,8 @@ class Checkpointer:
     def __init__(self, run_dir: str, *, keep_last: int, rank: int):
         self.dir = os.path.join(run_dir, "checkpoints")
         self.keep_last, self.rank = keep_last, rank
+        # saved with DeepSpeed's files (parallel.deepspeed.declare_tp_layout: how to reshard)
+        self.client_state: dict = {}
 
     def latest(self) -> str | None:
         """Name of the newest complete checkpoint, or None for a fresh run."""
@@ -84,7 +86,8 @@ class Checkpointer:
         if self.rank == 0 and os.path.exists(os.path.join(self.dir, partial)):
             shutil.rmtree(os.path.join(self.dir, partial))  # left by a crashed save
         dist.barrier()
-        engine.save_checkpoint(self.dir, tag=partial, save_latest=False)
+        engine.save_checkpoint(self.dir, tag=partial, save_latest=False,
+                               client_state=self.client_state)
         rng_dir = os.path.join(self.dir, partial, "rng")
         os.makedirs(rng_dir, exist_ok=True)
         torch.save(rng_state(), os.path.join(rng_dir, f"rank_{self.rank:05d}.pt"))
@@ -105,7 +108,8 @@ class Checkpointer:
 
     def make_universal(self, name: str, convert, *, poll_seconds: float = 5.0,
                        report_every: float = 60.0) -> None:
-        """Give checkpoint `name` a universal copy (name/universal) that loads on any dp.
+        """Give checkpoint `name` a universal copy (name/universal) that loads on any dp and
+        any tensor-parallel size.
 
         Rank 0 converts once (`convert(src, dst)`, into a partial folder renamed when done).
         The others wait on the file system, not in a collective: a 3B ZeRO-3 checkpoint takes
@@ -127,8 +131,7 @@ class Checkpointer:
         dist.barrier()  # all ranks are past the wait: quick
 
     def _convert(self, src: str, partial: str, final: str, failed: str, convert) -> None:
-        log.info("converting %s to a universal checkpoint for another data-parallel size",
-                 src)
+        log.info("converting %s to a universal checkpoint for another parallel layout", src)
         start = time.monotonic()
         try:
             convert(src, partial)

@@ -50,18 +50,21 @@ def setup_logging(rank: int) -> None:
 def check_resume_compatible(state: dict, cfg, dims) -> bool:
     """Refuse, with the reason, to resume a checkpoint this job cannot load.
 
-    Returns whether the checkpoint was written on another data-parallel size (it then loads
-    through DeepSpeed's universal format).
+    Returns whether the checkpoint was written on another data-parallel or tensor-parallel
+    size (it then loads through DeepSpeed's universal format, resharded).
     """
     from nbp_mega.config import to_dict
     from nbp_mega.config_fields import ConfigError
+    from nbp_mega.parallel.deepspeed import needs_universal_checkpoint
 
     layout = state.get("layout", {})
-    if layout and layout["tp"] != dims.tp:
+    if layout and layout["tp"] != dims.tp and not needs_universal_checkpoint(cfg):
         raise ConfigError(
             f"the checkpoint in {cfg.run_dir} was written with parallel.tensor={layout['tp']}, "
-            f"this job has {dims.tp}: changing tensor parallelism on resume is not supported "
-            f"yet; restart with parallel.tensor={layout['tp']} (any data-parallel size works)")
+            f"this job has {dims.tp}: changing tensor parallelism on resume goes through "
+            "DeepSpeed's universal checkpoint, which reads ZeRO 1-3 (or bf16) optimizer "
+            f"shards, not fp32 ZeRO-0's whole states; restart with parallel.tensor="
+            f"{layout['tp']} (any data-parallel size works)")
     for key, now in (("zero_stage", cfg.parallel.zero_stage), ("precision", cfg.train.precision)):
         if key in layout and layout[key] != now:
             raise ConfigError(f"the checkpoint in {cfg.run_dir} was written with {key}="
@@ -74,7 +77,7 @@ def check_resume_compatible(state: dict, cfg, dims) -> bool:
                             for k in diff)
         raise ConfigError(f"run_dir {cfg.run_dir} holds a checkpoint of a different model "
                           f"({details}); use a new run_dir or the same model settings")
-    return bool(layout) and layout["dp"] != dims.dp
+    return bool(layout) and (layout["dp"], layout["tp"]) != (dims.dp, dims.tp)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     from nbp_mega.parallel.deepspeed import (
         build_engine,
         convert_to_universal,
+        declare_tp_layout,
         needs_universal_checkpoint,
     )
     from nbp_mega.parallel.dims import init_parallel, report_devices, shutdown_parallel
@@ -124,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(cfg.seed)  # same on every rank: TP shards are cut from one full init
     model = NBPTransformer(cfg.model, TensorParallel(dims, init_std=cfg.model.init_std))
     model = model.to(dims.device)
+    checkpointer.client_state = declare_tp_layout(model)  # resumable at another TP size
     counts = full_parameter_counts(model)
     torch.manual_seed(cfg.seed + 1 + dims.dp_rank)  # dropout differs across data-parallel ranks
     optimizer = build_optimizer(model, cfg.optim, cpu_offload=cfg.parallel.offload_optimizer)

@@ -160,6 +160,36 @@ def test_resume_continues_exactly(shards, tmp_path):
     assert state["step"] == 6 and state["consumed_samples"] == 48
 
 
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
+def test_resume_on_another_tensor_parallel_size(shards, tmp_path, before, after):
+    """ZeRO-3 on 2 ranks at TP=`before` stopped after step 3, resumed on 2 ranks at
+    TP=`after` (dp 2/tp): the checkpoint goes through DeepSpeed's universal format with our
+    TP layout declared (parallel.deepspeed.declare_tp_layout) and is cut into the new TP
+    shards. Steps 4-6 see the uninterrupted run's batches and give its losses; the Adam
+    moments and step counts came along (a restart with fresh optimizer state, or from
+    scratch, would not give them)."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    launch = ["bash", f"{ROOT}/launch.sh", f"{ROOT}/configs/tiny.yaml"]
+    run([*launch, *overrides(shards, full, f"parallel.tensor={before}")], cwd=tmp_path,
+        NPROC_PER_NODE="2")
+    run([*launch, *overrides(shards, resumed, f"parallel.tensor={before}", "train.stop_at=3")],
+        cwd=tmp_path, NPROC_PER_NODE="2")
+    lines = metrics_lines(resumed)
+    proc = run([*launch, *overrides(shards, resumed, f"parallel.tensor={after}")],
+               cwd=tmp_path, NPROC_PER_NODE="2")
+    assert_resumed(lines, metrics_lines(resumed), proc, resumed, 3)
+    a, b = train_records(full), train_records(resumed)
+    assert [r["batch_digest"] for r in a] == [r["batch_digest"] for r in b]
+    for ra, rb in zip(a[3:], b[3:], strict=True):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5), ra["step"]
+        assert ra["grad_norm"] == pytest.approx(rb["grad_norm"], rel=1e-4), ra["step"]
+        assert ra["lr"] == pytest.approx(rb["lr"], rel=1e-9)
+    state = json.loads((resumed / "checkpoints" / "step_00000006" /
+                        "trainer_state.json").read_text())
+    assert (state["layout"]["tp"], state["layout"]["dp"]) == (after, 2 // after)
+    assert state["step"] == 6 and state["consumed_samples"] == 48
+
+
 def test_resume_on_another_data_parallel_size(shards, tmp_path):
     """ZeRO-3 on 2 ranks stopped after step 3 and resumed by 1 process (through DeepSpeed's
     universal checkpoint): steps 4-6 see exactly the batches of the uninterrupted 2-rank run

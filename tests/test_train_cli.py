@@ -47,6 +47,11 @@ def test_resume_refuses_another_model_or_layout(dims):
         check_resume_compatible(state, load_config(TINY, ["parallel.zero_stage=2"]), dims)
     state["layout"]["dp"] = 2  # another data-parallel size: loads (through universal)
     assert check_resume_compatible(state, load_config(TINY), dims) is True
-    state["layout"]["tp"] = 2
-    with pytest.raises(ConfigError, match="parallel.tensor=2, this job has 1"):
-        check_resume_compatible(state, load_config(TINY), dims)
+    state["layout"]["tp"] = 2  # another tensor-parallel size: loads resharded (universal)
+    assert check_resume_compatible(state, load_config(TINY), dims) is True
+    state["layout"]["dp"] = 1  # ... even on the same dp
+    assert check_resume_compatible(state, load_config(TINY), dims) is True
+    zero0 = {**state, "layout": {**state["layout"], "zero_stage": 0}}
+    with pytest.raises(ConfigError, match="parallel.tensor=2, this job has 1: changing tensor "
+                       "parallelism on resume goes through DeepSpeed's universal checkpoint"):
+        check_resume_compatible(zero0, load_config(TINY, ["parallel.zero_stage=0"]), dims)

@@ -6,8 +6,10 @@ tensor-parallel shards stay whole per TP rank. DeepSpeed learns the groups from 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 
 import torch
 from torch import nn
@@ -134,6 +136,63 @@ def convert_to_universal(checkpoint_dir: str, out_dir: str) -> None:
     if code:
         raise RuntimeError(f"DeepSpeed's universal conversion of {checkpoint_dir} failed with "
                            f"exit code {code} (its output is above in rank 0's log)")
+    _wrap_bare_universal_tensors(out_dir)
+
+
+def _wrap_bare_universal_tensors(out_dir: str) -> None:
+    """From a TP=1 ZeRO-3 checkpoint ds_to_universal saves each state (zero/NAME/fp32.pt,
+    exp_avg.pt, exp_avg_sq.pt) as a bare tensor, and its loader cuts a TP shard only out of
+    the {"param": tensor} dicts it writes for TP > 1: a bare tensor would load whole into a
+    shard of a TP > 1 job. Wrap them as the TP > 1 path writes them (same values)."""
+    from deepspeed.checkpoint.constants import PARAM
+
+    zero = os.path.join(out_dir, "zero")
+    for name in os.listdir(zero):
+        for state in ("fp32", "exp_avg", "exp_avg_sq"):
+            file = os.path.join(zero, name, f"{state}.pt")
+            if not os.path.exists(file):
+                continue
+            value = torch.load(file, weights_only=False)
+            if torch.is_tensor(value):
+                torch.save({PARAM: value}, file)
+
+
+def declare_tp_layout(model: nn.Module) -> dict:
+    """How our tensors split over tensor parallelism, in DeepSpeed's universal-checkpoint terms.
+
+    Returns the client state that goes into every checkpoint (DeepSpeed's ds_to_universal
+    reads it to merge the TP shards): the TP-replicated parameters and those split along
+    dim 1 (row-parallel weights); every other parameter is split along dim 0 (column-parallel
+    weights and biases, the fused qkv rows - ordered [N, 3, D], so contiguous TP slices hold
+    whole heads and a plain concatenation merges them - and the vocab-parallel embedding and
+    head, whose padded row count does not depend on tp). The splits come from megatron's own
+    partition attributes (nbp_mega.parallel.tp_shards.TPPlan), not from names.
+
+    Also marks each parameter with the restore metadata (DS_AUTOTP_UC_META: partition_dim and
+    full shape, or replicated) by which DeepSpeed's universal loaders cut this rank's TP shard
+    out of a full tensor, so a universal checkpoint loads at any tensor-parallel size.
+    """
+    from deepspeed.checkpoint import constants as c
+
+    from nbp_mega.parallel.tp_shards import TPPlan
+
+    plan = TPPlan.of(model)
+    replicated, rows = [], []
+    for name, p in model.named_parameters():
+        dim = plan.dims[name]
+        pattern = f"^{re.escape(name)}$"
+        if dim is None:
+            replicated.append(pattern)
+        elif dim == 1:
+            rows.append(pattern)
+        meta = ({"replicated": True} if dim is None else
+                {"partition_dim": dim, "logical_shape": list(plan.shapes[name])})
+        setattr(p, c.DS_AUTOTP_UC_META, {**meta, c.UNIVERSAL_CHECKPOINT_VERSION_KEY:
+                                         c.UNIVERSAL_CHECKPOINT_VERSION_VALUE})
+    return {c.UNIVERSAL_CHECKPOINT_INFO: {
+        c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        c.TP_REPLICATED_PARAMETER_PATTERNS: replicated,
+        c.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: rows}}
 
 
 def load_universal_checkpoint(engine, path: str) -> str | None:
@@ -144,9 +203,10 @@ def load_universal_checkpoint(engine, path: str) -> str | None:
     group's own; and it gives all groups one shared Adam `step` tensor, which torch's Adam
     increments in place once per group per step (wrong bias correction): give each its own.
     """
-    load_path, _ = engine.load_checkpoint(os.path.dirname(path), tag=os.path.basename(path),
-                                          load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+    with _deepspeed_sees_tp_group(engine.mpu.get_tensor_model_parallel_group()):
+        load_path, _ = engine.load_checkpoint(os.path.dirname(path), tag=os.path.basename(path),
+                                              load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
     state_file = os.path.join(path, "zero", "optimizer_state.pt")
     if load_path is None or not os.path.exists(state_file):
         return load_path
@@ -162,6 +222,22 @@ def load_universal_checkpoint(engine, path: str) -> str | None:
     for group, kept in zip(groups, saved, strict=True):
         group.update({k: v for k, v in kept.items() if k != "params"})
     return load_path
+
+
+@contextlib.contextmanager
+def _deepspeed_sees_tp_group(group):
+    """DeepSpeed's ZeRO-3 universal loader cuts a parameter's TP shard using the TP group of
+    its own `deepspeed.utils.groups` module, which only DeepSpeed's AutoTP sets (not the mpu
+    we pass): point it at our group for the load, then put back what was there."""
+    from deepspeed.utils import groups
+
+    saved = groups._TENSOR_MODEL_PARALLEL_GROUP
+    if saved is None:
+        groups._TENSOR_MODEL_PARALLEL_GROUP = group
+    try:
+        yield
+    finally:
+        groups._TENSOR_MODEL_PARALLEL_GROUP = saved
 
 
 def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, cfg,
