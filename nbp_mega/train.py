@@ -68,8 +68,11 @@ def check_resume_compatible(state: dict, cfg, dims) -> bool:
     for key, now in (("zero_stage", cfg.parallel.zero_stage), ("precision", cfg.train.precision)):
         if key in layout and layout[key] != now:
             raise ConfigError(f"the checkpoint in {cfg.run_dir} was written with {key}="
-                              f"{layout[key]!r}, this job has {now!r}; resume with the "
-                              f"checkpoint's setting")
+                              f"{layout[key]!r}, this job has {now!r}: a resume keeps the "
+                              "ZeRO stage and precision (the tensor- and data-parallel sizes "
+                              "may change); resume with the checkpoint's setting, or start a "
+                              "new run from its weights (train.init_from=<this run_dir>; the "
+                              "optimizer state starts afresh)")
     saved, now = state["config"], to_dict(cfg)["model"]
     diff = [k for k in now if saved["model"].get(k) != now[k]]
     if diff:
@@ -78,6 +81,25 @@ def check_resume_compatible(state: dict, cfg, dims) -> bool:
         raise ConfigError(f"run_dir {cfg.run_dir} holds a checkpoint of a different model "
                           f"({details}); use a new run_dir or the same model settings")
     return bool(layout) and (layout["dp"], layout["tp"]) != (dims.dp, dims.tp)
+
+
+def init_weights(model, cfg, dims) -> None:
+    """Load train.init_from's weights into `model` (this rank's TP shard), checking that they
+    are of this model config."""
+    from nbp_mega.config_fields import ConfigError
+    from nbp_mega.generate.load import load_trained_model
+
+    source, saved = load_trained_model(cfg.train.init_from, dims=dims)
+    free = ("dropout", "activation_checkpointing", "init_std")  # may change for a new run
+    diff = [k for k in vars(cfg.model)
+            if k not in free and getattr(saved.model, k) != getattr(cfg.model, k)]
+    if diff:
+        diff = ", ".join(f"model.{k}: {getattr(saved.model, k)!r} vs {getattr(cfg.model, k)!r}"
+                         for k in diff)
+        raise ConfigError(f"train.init_from={cfg.train.init_from} holds a model of another "
+                          f"config ({diff}); expected the same model settings")
+    model.load_state_dict(source.state_dict(), strict=True)
+    log.info("initialised the weights from %s", cfg.train.init_from)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -127,6 +149,8 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(cfg.seed)  # same on every rank: TP shards are cut from one full init
     model = NBPTransformer(cfg.model, TensorParallel(dims, init_std=cfg.model.init_std))
+    if cfg.train.init_from and not resume:
+        init_weights(model, cfg, dims)
     model = model.to(dims.device)
     checkpointer.client_state = declare_tp_layout(model)  # resumable at another TP size
     counts = full_parameter_counts(model)

@@ -31,6 +31,11 @@ class TrainConfig:
     eval_batches: int = option(4, "validation batches of global_batch clips", min=1)
     stop_at: int = option(0, "leave after this step with a checkpoint, as if preempted "
                           "(0 = run to train.steps)", min=0)
+    init_from: str = option("", "start a new run from these weights: a state-dict file "
+                            "(tools/convert_to_hf.py --state-dict, tools/convert_from_nbp.py) or "
+                            "a run / checkpoint folder of any ZeRO stage and TP size; the "
+                            "model config must match. Ignored when run_dir has a checkpoint "
+                            "to resume")
 
     def validate(self) -> None:
         if self.stop_at > self.steps:

@@ -190,6 +190,33 @@ def test_resume_on_another_tensor_parallel_size(shards, tmp_path, before, after)
     assert state["step"] == 6 and state["consumed_samples"] == 48
 
 
+def test_a_new_run_starts_from_given_weights(shards, tmp_path):
+    """train.init_from: a run trained 3 steps (ZeRO-3, TP=1 on 2 ranks), given as its
+    state-dict file (tools/convert_to_hf.py --state-dict) to a new run at TP=2, and as its run
+    directory to one at TP=1. With lr 0 the new runs' model stays what they loaded, so their
+    validation loss is the one the source logged (a fresh initialisation gives another)."""
+    source = tmp_path / "source"
+    launch = ["bash", f"{ROOT}/launch.sh", f"{ROOT}/configs/tiny.yaml"]
+    run([*launch, *overrides(shards, source, "train.steps=3", "train.eval_every=0")],
+        cwd=tmp_path, NPROC_PER_NODE="2")
+    logged = read_metrics(os.path.join(source, "metrics.jsonl"))[1][-1]["val_loss"]
+    run([sys.executable, f"{ROOT}/tools/convert_to_hf.py", str(source), "--state-dict",
+         str(tmp_path / "source.pt"), "--no-progress"], cwd=tmp_path)
+    for name, weights, tp in (("from_file", tmp_path / "source.pt", 2), ("from_run", source, 1)):
+        new = tmp_path / name
+        proc = run([*launch, *overrides(shards, new, f"train.init_from={weights}",
+                                        f"parallel.tensor={tp}", "optim.lr=0", "train.steps=1",
+                                        "train.eval_every=0")], cwd=tmp_path, NPROC_PER_NODE="2")
+        assert f"initialised the weights from {weights}" in proc.stderr
+        val = read_metrics(os.path.join(new, "metrics.jsonl"))[1][-1]["val_loss"]
+        assert val == pytest.approx(logged, rel=1e-5), name
+    fresh = tmp_path / "fresh"
+    run([*launch, *overrides(shards, fresh, "optim.lr=0", "train.steps=1", "train.eval_every=0")],
+        cwd=tmp_path, NPROC_PER_NODE="2")
+    assert read_metrics(os.path.join(fresh, "metrics.jsonl"))[1][-1]["val_loss"] != \
+        pytest.approx(logged, rel=1e-3)
+
+
 def test_resume_on_another_data_parallel_size(shards, tmp_path):
     """ZeRO-3 on 2 ranks stopped after step 3 and resumed by 1 process (through DeepSpeed's
     universal checkpoint): steps 4-6 see exactly the batches of the uninterrupted 2-rank run

@@ -12,7 +12,8 @@ OUT_DIR gets:
   video_tokenizer/<file>          with tokenizer=: the video tokenizer, as given
   text_tokenizer.model            with text_tokenizer=: the sentencepiece model of the prompts
 Weights stream: each tensor is merged and gathered from the rank files on its own and written
-in its shard, so memory stays near one shard plus one tensor. Everything is written into
+straight into its shard file (export/safetensors_stream.py), so memory stays near the largest
+tensor (tools/bench_export.py measures it). Everything is written into
 OUT_DIR.partial-<pid> beside OUT_DIR and renamed at the end: an interrupted export leaves no
 folder that looks complete, and an existing OUT_DIR is refused.
 """
@@ -21,12 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 
 import torch
 
-from nbp_mega.export.weights import Weights
+from nbp_mega.export.safetensors_stream import SafetensorsWriter
+from nbp_mega.export.weights import Weights, export_name
 
 MODELING_DIR = os.path.join(os.path.dirname(__file__), "hf_modeling")
 MODELING_FILES = ("configuration_nbp.py", "modeling_nbp.py")
@@ -56,7 +59,7 @@ def hf_config(cfg, weights: Weights, dtype: torch.dtype) -> dict:
         "hybrid_start": layout.hybrid, "num_classes": m.num_classes, "text_len": m.text_len,
         "text_vocab": m.text_vocab, "start_token": layout.start_token,
         "class_offset": layout.class_offset, "null_token": layout.null_token,
-        "text_offset": layout.text_offset,
+        "text_offset": layout.text_offset, "video_offset": layout.video_offset,
         "input_source": layout.input_source.tolist(), "fixed_ids": layout.fixed_ids.tolist(),
         "attention_ranges": [list(r) for r in layout.attention_ranges],
         "slot_index": layout.slot_index.tolist(), "input_coords": layout.input_coords.tolist(),
@@ -72,7 +75,7 @@ def shard_plan(weights: Weights, dtype: torch.dtype,
     size = torch.finfo(dtype).bits // 8
     shards, current, used = [], [], 0
     for name in weights.names:
-        nbytes = weights.numel(name, export=True) * size
+        nbytes = math.prod(weights.export_shape(name)) * size
         if current and used + nbytes > max_shard_bytes:
             shards.append(current)
             current, used = [], 0
@@ -85,8 +88,6 @@ def export_hf(cfg, weights: Weights, out_dir: str, *, dtype=torch.float32,
               max_shard_bytes: int = DEFAULT_SHARD_BYTES, tokenizer: str | None = None,
               text_tokenizer: str | None = None, progress=None) -> dict:
     """Write the folder (see the module docstring); returns a summary (files, bytes)."""
-    from safetensors.torch import save_file
-
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir):
         raise ExportError(f"{out_dir} exists: expected a new folder (remove it, or choose "
@@ -106,16 +107,16 @@ def export_hf(cfg, weights: Weights, out_dir: str, *, dtype=torch.float32,
         weight_map, total = {}, 0
         stream = weights.tensors(export=True)
         for file, group in zip(files, groups, strict=True):
-            tensors = {}
-            for _ in group:
-                name, tensor = next(stream)
-                tensors[name] = tensor.to(dtype).contiguous()
-                total += tensors[name].numel() * tensors[name].element_size()
-                weight_map[name] = file
-                if progress is not None:
-                    progress(name)
-            save_file(tensors, os.path.join(partial, file), metadata={"format": "pt"})
-            del tensors
+            entries = [(export_name(n), weights.export_shape(n), dtype) for n in group]
+            with SafetensorsWriter(os.path.join(partial, file), entries,
+                                   metadata={"format": "pt"}) as writer:
+                for _ in group:
+                    name, tensor = next(stream)
+                    writer.write(name, tensor.to(dtype))
+                    weight_map[name] = file
+                    if progress is not None:
+                        progress(name)
+            total += writer.data_bytes
         if len(files) > 1:
             _write_json(os.path.join(partial, "model.safetensors.index.json"),
                         {"metadata": {"total_size": total}, "weight_map": weight_map})

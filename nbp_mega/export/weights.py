@@ -80,10 +80,10 @@ class Weights:
             else:
                 yield name, tensor
 
-    def numel(self, name: str, export: bool = False) -> int:
-        shape = self.plan.shapes[name]
-        rows = self.unpadded_rows(name) if export else None
-        return torch.Size(shape).numel() // shape[0] * (shape[0] if rows is None else rows)
+    def export_shape(self, name: str) -> tuple[int, ...]:
+        """The shape `name` is exported with (padded vocabulary rows dropped)."""
+        shape, rows = self.plan.shapes[name], self.unpadded_rows(name)
+        return shape if rows is None else (rows, *shape[1:])
 
 
 def open_checkpoint(run_or_checkpoint: str, checkpoint: str | None = None):

@@ -117,6 +117,7 @@ def generate(model, *, seeds: list[int], labels: torch.Tensor | None = None,
     step_logits = _step_fn(model, ids.shape[0], cuda_graph)
     source = layout.input_source.to(device)
     video = ids[:, layout.prefix_len + len(layout.fixed_ids):]  # a view: samples land in ids
+    offset = layout.video_offset  # video code c is embedding id offset + c (model.id_layout)
     windows = layout.generation_windows(first)
     for step, (lo, hi, n) in enumerate(windows):
         # full-vocabulary logits on every TP rank: each samples the same tokens
@@ -126,7 +127,7 @@ def generate(model, *, seeds: list[int], labels: torch.Tensor | None = None,
             logits = _guided(logits, batch, sampling.guidance_scale)
         tokens = sample(logits, sampling, generators)  # [B, n]
         target = hi - n - layout.prefix_len + layout.target_offset  # video index of the first
-        video[:, target:target + n] = tokens.repeat(2, 1) if guide else tokens
+        video[:, target:target + n] = (tokens.repeat(2, 1) if guide else tokens) + offset
         if on_step is not None:
             on_step(step + 1, len(windows))
-    return layout.blocks.from_blocks(video[:batch])
+    return layout.blocks.from_blocks(video[:batch] - offset)

@@ -50,6 +50,12 @@ class ModelConfig:
     cond_dropout: float = option(0.0, "classifier-free guidance: training replaces a clip's "
                                  "class prefix by a learned no-condition token with this "
                                  "probability (0 = no such token)", min=0.0, max=1.0)
+    id_layout: str = option("nbp_mega", "token id order of the embedding: nbp_mega (video codes "
+                            "first, then the start, class, no-condition, text and middle ids) "
+                            "or nbp (the published checkpoints': BOV, middles, class or text "
+                            "ids, then video codes; tools/convert_from_nbp.py); see "
+                            "model/sequence.py",
+                            choices=["nbp_mega", "nbp"])
     start_block: bool = option(True, "a learned start block predicts block 0 (models the "
                                "whole clip); false = paper's K600 layout, block 0 is context")
     position: str = option("learned_1d", "learned_1d: table over sequence index (published "
@@ -98,6 +104,11 @@ class ModelConfig:
             raise ConfigError(f"model.text_bos_id={self.text_bos_id} / text_eos_id="
                               f"{self.text_eos_id}: expected ids below model.text_vocab="
                               f"{self.text_vocab}")
+        if self.id_layout == "nbp" and self.cond_dropout:
+            raise ConfigError(f"model.id_layout=nbp with model.cond_dropout={self.cond_dropout}: "
+                              "the published id layout has no no-condition token (their "
+                              "guidance prepends a stored embedding instead); set "
+                              "cond_dropout=0 or id_layout=nbp_mega")
         if self.hybrid_start and not self.start_block:
             raise ConfigError("model.hybrid_start=true models the whole clip from a BOV token: "
                               "it needs model.start_block=true")

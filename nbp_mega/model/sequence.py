@@ -3,11 +3,17 @@
 Legend: B batch; P prefix tokens; L block length; Nv video tokens; nb = Nv / L blocks;
 S = input length; Nt = number of targets; F fixed slot ids (start block, or BOV + middles).
 
-Vocabulary (embedding rows): video codes 0..V-1; the start token V (the start block's tokens,
-or the hybrid start's BOV); class ids V+1..V+C; with model.cond_dropout > 0 the no-condition
-token V+1+C, which replaces the prefix of dropped clips in training and of the unconditional
-rows of classifier-free guidance; text ids (model.text_vocab of them) from `text_offset`; with
-the hybrid start L-1 "middle" placeholders from `middle_offset`. The head predicts video codes.
+Vocabulary (embedding rows), model.id_layout=nbp_mega: video codes 0..V-1; the start token V
+(the start block's tokens, or the hybrid start's BOV); class ids V+1..V+C; with
+model.cond_dropout > 0 the no-condition token V+1+C, which replaces the prefix of dropped clips
+in training and of the unconditional rows of classifier-free guidance; text ids
+(model.text_vocab of them) from `text_offset`; with the hybrid start L-1 "middle" placeholders
+from `middle_offset`. model.id_layout=nbp, the published checkpoints' order (their
+Net2NetTransformer): first the special ids, BOV 0 and with the hybrid start middles 1..L-1
+(none without a start: the K600 layout), then class or text ids, then the video codes from
+`video_offset` (UCF: BOV 0, middles 1..15, text 16..32015, video 32016..96015). Either way the
+head predicts video codes 0..V-1 (the published UCF head's other 32,016 rows are not
+imported), and the id buffer holds embedding ids: video code c is id `video_offset + c`.
 
 Three layouts, all with input position P + i predicting target i:
   start block   [prefix][start block: L x V][video blocks 0 .. nb-2]      targets: blocks 0..nb-1
@@ -44,17 +50,31 @@ class SequenceLayout:
         self.text_len = cfg.text_len
         self.prefix_len = cfg.text_len or (cfg.class_tokens if cfg.num_classes > 0 else 0)
         V, C = cfg.vocab_size, cfg.num_classes
-        self.start_token = V
-        self.class_offset = V + 1
-        self.null_token = V + 1 + C if cfg.cond_dropout else None
-        self.text_offset = V + 1 + C + (1 if cfg.cond_dropout else 0)
-        self.middle_offset = self.text_offset + cfg.text_vocab
-        self.embed_vocab = self.middle_offset + (L - 1 if self.hybrid else 0)
+        if cfg.id_layout == "nbp":
+            self._published_ids(cfg)
+        else:
+            self.start_token = V
+            self.class_offset = V + 1
+            self.null_token = V + 1 + C if cfg.cond_dropout else None
+            self.text_offset = V + 1 + C + (1 if cfg.cond_dropout else 0)
+            self.middle_offset = self.text_offset + cfg.text_vocab
+            self.embed_vocab = self.middle_offset + (L - 1 if self.hybrid else 0)
+            self.video_offset = 0
         # video tokens that appear as input: all blocks but the last
         self.num_video_inputs = self.blocks.num_tokens - L
         self.target_offset = 0 if cfg.start_block else L  # video index of target 0
         self.seq_len = self.prefix_len + self.blocks.num_tokens - self.target_offset
         self.num_targets = self.blocks.num_tokens - self.target_offset
+
+    def _published_ids(self, cfg: ModelConfig) -> None:
+        """model.id_layout=nbp: [BOV, middles][class or text ids][video codes]."""
+        specials = self.block_len if self.hybrid else int(cfg.start_block)  # BOV (+ middles)
+        self.start_token = 0 if specials else None
+        self.middle_offset = 1
+        self.class_offset = self.text_offset = specials
+        self.null_token = None
+        self.video_offset = specials + cfg.num_classes + cfg.text_vocab
+        self.embed_vocab = self.video_offset + cfg.vocab_size
 
     @cached_property
     def fixed_ids(self) -> torch.Tensor:
@@ -62,7 +82,9 @@ class SequenceLayout:
         if self.hybrid:
             middles = torch.arange(self.middle_offset, self.middle_offset + self.block_len - 1)
             return torch.cat([torch.tensor([self.start_token]), middles])
-        return torch.full((self.block_len if self.cfg.start_block else 0,), self.start_token)
+        if not self.cfg.start_block:
+            return torch.zeros(0, dtype=torch.long)
+        return torch.full((self.block_len,), self.start_token)
 
     @cached_property
     def input_source(self) -> torch.Tensor:
@@ -157,9 +179,10 @@ class SequenceLayout:
         return (self.class_offset + labels.long())[:, None].expand(-1, self.prefix_len)
 
     def id_buffer(self, prefix: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
-        """[B, P + F + Nv]: what `input_source` indexes (video: [B, Nv] in block order)."""
+        """[B, P + F + Nv]: what `input_source` indexes (video: [B, Nv] codes in block order,
+        stored as ids `video_offset + code`)."""
         fixed = self.fixed_ids.to(video.device).expand(video.shape[0], -1)
-        return torch.cat([prefix.to(video.device), fixed, video], dim=1)
+        return torch.cat([prefix.to(video.device), fixed, video + self.video_offset], dim=1)
 
     def build(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
               drop: torch.Tensor | None = None, *, text: torch.Tensor | None = None):

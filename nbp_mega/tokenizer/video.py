@@ -257,8 +257,14 @@ def load_video_tokenizer(path_or_preset: str, *, device="cpu", batch_size: int =
 
 def save_video_tokenizer(model: Magvit2, path: str, meta: dict | None = None) -> None:
     """Write `model` in nbp_mega's format (atomically: a crash leaves no half file)."""
-    blob = {"format": FORMAT, "version": VERSION, "config": dataclasses.asdict(model.cfg),
-            "state_dict": model.state_dict(), "meta": meta or {}}
+    save_tokenizer_state(model.cfg, model.state_dict(), path, meta)
+
+
+def save_tokenizer_state(cfg: Magvit2Config, state: dict, path: str,
+                         meta: dict | None = None) -> None:
+    """Write a Magvit2 state dict of architecture `cfg` in nbp_mega's format, atomically."""
+    blob = {"format": FORMAT, "version": VERSION, "config": dataclasses.asdict(cfg),
+            "state_dict": state, "meta": meta or {}}
     tmp = f"{path}.partial"
     torch.save(blob, tmp)
     os.replace(tmp, path)

@@ -12,9 +12,11 @@ with, as plain lists (nbp_mega.model.sequence.SequenceLayout, evaluated at expor
   slot_index        [S] index among the non-video positions, -1 for video tokens
   input_coords      [S, 3] latent (t, h, w) of each input video token, -1 at slots
   block_order       [T*H*W] raster index of the video token at each block-order position
-Token ids (embedding rows): video codes 0..vocab_size-1, start_token, class ids from
-class_offset, null_token (classifier-free guidance) if any, text ids from text_offset; the
-head's logits are over the video codes only.
+Token ids (embedding rows): video code c is id video_offset + c; start_token, class ids from
+class_offset, null_token (classifier-free guidance) if any, text ids from text_offset (nbp_mega's
+own models: video_offset 0, the others after the codes; an import of the published NBP
+checkpoints: their order, e.g. UCF BOV 0, middles 1..15, text from 16, video from 32016). The
+head's logits are over the video codes 0..vocab_size-1 only.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ class NBPVideoConfig(PretrainedConfig):
                  num_targets: int = 0, hybrid_start: bool = False, num_classes: int = 0,
                  text_len: int = 0, text_vocab: int = 0, start_token: int = 64000,
                  class_offset: int = 64001, null_token: int | None = None,
-                 text_offset: int = 64001, input_source: list | None = None,
+                 text_offset: int = 64001, video_offset: int = 0,
+                 input_source: list | None = None,
                  fixed_ids: list | None = None, attention_ranges: list | None = None,
                  slot_index: list | None = None, input_coords: list | None = None,
                  block_order: list | None = None, **kwargs):
@@ -49,6 +52,7 @@ class NBPVideoConfig(PretrainedConfig):
         self.text_len, self.text_vocab = text_len, text_vocab
         self.start_token, self.class_offset = start_token, class_offset
         self.null_token, self.text_offset = null_token, text_offset
+        self.video_offset = video_offset
         self.input_source, self.fixed_ids = list(input_source or []), list(fixed_ids or [])
         self.attention_ranges = [list(r) for r in attention_ranges or []]
         self.slot_index, self.input_coords = list(slot_index or []), list(input_coords or [])

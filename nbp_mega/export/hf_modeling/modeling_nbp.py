@@ -266,7 +266,7 @@ class NBPVideoModel(NBPVideoPreTrainedModel):
             frames = torch.zeros(B, T * H * W, dtype=torch.long, device=device)
             frames.view(B, T, H, W)[:, :context.shape[1]] = context.to(device)
             n = context.shape[1] * H * W
-            video[:, :n] = frames[:, order[:n]]
+            video[:, :n] = frames[:, order[:n]] + c.video_offset
             given = max(n - c.target_offset, 0)
         elif c.target_offset:
             raise ValueError("this model (no start block: the K600 layout) needs the first "
@@ -284,9 +284,9 @@ class NBPVideoModel(NBPVideoPreTrainedModel):
             tokens = (self._draw(logits, temperature, top_k, top_p, generator) if do_sample
                       else logits.argmax(dim=-1))
             target = hi - n - c.prefix_len + c.target_offset
-            video[:, target:target + n] = tokens
+            video[:, target:target + n] = tokens + c.video_offset  # ids of the codes
         grid = torch.empty_like(video)
-        grid[:, order] = video
+        grid[:, order] = video - c.video_offset
         return grid.view(B, T, H, W)
 
     @staticmethod
