@@ -18,10 +18,11 @@ class FakeEngine:
 
     def __init__(self):
         self.crash = False
-        self.loaded = None
+        self.loaded = self.client_state = None
 
-    def save_checkpoint(self, save_dir, tag, save_latest):
+    def save_checkpoint(self, save_dir, tag, save_latest, client_state):
         assert not save_latest
+        self.client_state = client_state  # DeepSpeed stores it in its model-states files
         os.makedirs(os.path.join(save_dir, tag), exist_ok=True)
         with open(os.path.join(save_dir, tag, "model.pt"), "w") as f:
             f.write(tag)
@@ -35,9 +36,11 @@ class FakeEngine:
 
 def test_crash_during_save_keeps_last_good_checkpoint(dims, tmp_path):
     ckpt = Checkpointer(str(tmp_path), keep_last=2, rank=0)
+    ckpt.client_state = {"universal_checkpoint_info": {"tp_replicated_parameter_patterns": []}}
     engine = FakeEngine()
     assert ckpt.latest() is None
     ckpt.save(engine, 10, {"step": 10})
+    assert engine.client_state == ckpt.client_state  # the TP layout goes with DeepSpeed's files
     engine.crash = True
     with pytest.raises(RuntimeError, match="node lost"):
         ckpt.save(engine, 20, {"step": 20})
