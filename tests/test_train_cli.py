@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from nbp_mega.config import load_config, to_dict
 from nbp_mega.config_fields import ConfigError
@@ -55,3 +56,26 @@ def test_resume_refuses_another_model_or_layout(dims):
     with pytest.raises(ConfigError, match="parallel.tensor=2, this job has 1: changing tensor "
                        "parallelism on resume goes through DeepSpeed's universal checkpoint"):
         check_resume_compatible(zero0, load_config(TINY, ["parallel.zero_stage=0"]), dims)
+
+
+def test_init_from_weights_of_another_model_is_refused(dims, tmp_path):
+    from nbp_mega.export import write_state_dict
+    from nbp_mega.export.weights import Weights
+    from nbp_mega.model import NBPTransformer
+    from nbp_mega.parallel.layers import TensorParallel
+    from nbp_mega.train import init_weights
+
+    source = load_config(TINY, ["model.dropout=0.3"])
+    model = NBPTransformer(source.model, TensorParallel(dims))
+    write_state_dict(source, Weights.of_model(model), str(tmp_path / "w.pt"))
+    other = load_config(TINY, [f"train.init_from={tmp_path}/w.pt", "model.hidden=64"])
+    target = NBPTransformer(other.model, TensorParallel(dims))
+    with pytest.raises(ConfigError, match=r"holds a model of another config \(model.hidden: "
+                       r"128 vs 64, model.ffn_hidden: 512 vs 256\)"):
+        init_weights(target, other, dims)
+    same = load_config(TINY, [f"train.init_from={tmp_path}/w.pt"])  # dropout may differ
+    target = NBPTransformer(same.model, TensorParallel(dims))
+    init_weights(target, same, dims)
+    for (name, a), b in zip(model.state_dict().items(), target.state_dict().values(),
+                            strict=True):
+        assert (a is None and b is None) or torch.equal(a, b), name

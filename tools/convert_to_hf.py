@@ -5,8 +5,9 @@
         [--text-tokenizer FILE.model] [--state-dict FILE.pt [--state-dict-dtype fp32|bf16]]
     python tools/convert_to_hf.py RUN_DIR --state-dict FILE.pt       # the state dict alone
 
-RUN_DIR_OR_CHECKPOINT: a run directory (its latest checkpoint, or --checkpoint NAME) or one
-checkpoint folder of it; any ZeRO stage (0-3, optimizer offload included), any
+RUN_DIR_OR_CHECKPOINT: a run directory (its latest checkpoint, or --checkpoint NAME), one
+checkpoint folder of it, or a state-dict file (--state-dict's, tools/convert_from_nbp.py's); any
+ZeRO stage (0-3, optimizer offload included), any
 tensor-parallel size: the ZeRO partitions are gathered and the TP shards merged one tensor at a
 time from the rank files (nbp_mega.export.weights). OUT_DIR (must not exist) loads with
 
@@ -79,7 +80,8 @@ def convert(args) -> dict:
     from nbp_mega.export import export_hf, open_checkpoint, write_state_dict
 
     cfg, weights = open_checkpoint(args.run, args.checkpoint)
-    summary = {"checkpoint": weights.path, "layout": vars(weights.ckpt.layout)}
+    summary = {"checkpoint": weights.path,
+               "layout": vars(weights.ckpt.layout) if weights.ckpt else "state-dict file"}
     for path in (args.out, args.state_dict):  # refuse before the first tensor is read
         if path is not None and os.path.exists(path):
             raise FileExistsError(f"{path} exists: expected a new path (nothing was written)")

@@ -87,11 +87,25 @@ class Weights:
 
 
 def open_checkpoint(run_or_checkpoint: str, checkpoint: str | None = None):
-    """(the run's Config, Weights) for a run directory or checkpoint folder; an
-    incomplete checkpoint or one of another model config is refused before anything is read."""
+    """(the run's Config, Weights) for a run directory, a checkpoint folder or a state-dict
+    file (nbp_mega.export.state_dict); an incomplete checkpoint or one of another model config
+    is refused before anything is read."""
+    import os
+
     from nbp_mega.generate.load import resolve_checkpoint
     from nbp_mega.parallel.zero_checkpoint import TrainingCheckpoint
 
+    if os.path.isfile(run_or_checkpoint):
+        from nbp_mega.export.state_dict import read_state_dict
+
+        if checkpoint is not None:
+            raise ValueError(f"{run_or_checkpoint} is a state-dict file: expected no checkpoint "
+                             f"name (got {checkpoint})")
+        cfg, state = read_state_dict(run_or_checkpoint)
+        plan, layout = model_plan(cfg.model)
+        plan.check_keys(state, f"state-dict file {run_or_checkpoint}")
+        return cfg, Weights(run_or_checkpoint, state.__getitem__, plan, layout,
+                            cfg.model.vocab_size)
     cfg, path = resolve_checkpoint(run_or_checkpoint, checkpoint)
     ckpt = TrainingCheckpoint(path)
     plan, layout = model_plan(cfg.model)

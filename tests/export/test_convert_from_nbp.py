@@ -24,10 +24,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nbp_mega.export import export_hf
-from nbp_mega.export.weights import Weights
 from nbp_mega.generate import SamplingConfig, generate
 from nbp_mega.generate.load import load_trained_model
+from tests.export.test_convert_to_hf import convert as convert_to_hf
 from tests.export.test_convert_to_hf import run_hf_child
 from tests.test_bench_tools import load_tool
 
@@ -282,8 +281,10 @@ def test_hf_exports_of_the_imports_match_their_model(imports, tmp_path):
     text = torch.tensor([[1, 5, 2, 2, 2, 2, 2, 2], [1, 11, 12, 13, 2, 2, 2, 2]])
     for name, c in (("k600", K600), ("ucf", UCF)):
         imp = imports[name]
-        model, g, (T, H, W) = imp["model"], imp["g"], c["grid"]
-        export_hf(imp["cfg"], Weights.of_model(model), tmp_path / name)
+        g, (T, H, W) = imp["g"], c["grid"]
+        # the imported file through tools/convert_to_hf.py, as users export it
+        proc = convert_to_hf(imp["file"], tmp_path / name)
+        assert proc.returncode == 0, proc.stderr[-3000:]
         z = torch.randint(0, c["V"], (2, T * H * W), generator=torch.Generator().manual_seed(5))
         if name == "k600":
             ids = their_k600_ids(z, c["L"])
@@ -304,6 +305,38 @@ def test_hf_exports_of_the_imports_match_their_model(imports, tmp_path):
         torch.testing.assert_close(hf["logits"][:, P:], logits[:, P:], rtol=0, atol=1e-5,
                                    msg=name)
         assert torch.equal(hf["greedy"], greedy), name
+
+
+def test_an_import_fine_tunes_at_another_tp(imports, tmp_path):
+    """The imported K600 file starts a training run (train.init_from) at TP=2 on 2 ranks with
+    the imported model's settings; at lr 0 the run's validation loss is the imported model's
+    loss on the same validation clips (their targets: every block after the first)."""
+    import yaml
+
+    from nbp_mega.config import config_from_dict, to_dict
+    from nbp_mega.data.synthetic import write_synthetic_shards
+    from nbp_mega.metrics import read_metrics
+    from tests.generate.test_load import validation_loss
+    from tests.test_train import ROOT, run
+
+    imp, c = imports["k600"], K600
+    write_synthetic_shards(str(tmp_path / "data"), num_train=16, num_val=8, grid=c["grid"],
+                           vocab=c["V"], classes=0, shard_size=8, seed=0)
+    model_settings = [f"model.{k}={json.dumps(v)}" for k, v in
+                      to_dict(imp["cfg"])["model"].items() if k not in ("dropout", "size")]
+    run_dir = tmp_path / "run"
+    run(["bash", f"{ROOT}/launch.sh", f"{ROOT}/configs/tiny.yaml", f"run_dir={run_dir}",
+         *model_settings, "model.dropout=0", f"train.init_from={imp['file']}",
+         "parallel.tensor=2", "optim.lr=0", "train.steps=1", "train.global_batch=8",
+         "train.eval_every=0", "train.eval_batches=1", "train.save_every=0",
+         f"data.shards={tmp_path}/data/train", f"data.val_shards={tmp_path}/data/val",
+         "data.num_workers=1", "log.peak_tflops=1", "log.progress=false"],
+        cwd=tmp_path, NPROC_PER_NODE="2")
+    val = read_metrics(str(run_dir / "metrics.jsonl"))[1][-1]["val_loss"]
+    run_cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    assert run_cfg.model == imp["cfg"].model.__class__(**{**vars(imp["cfg"].model),
+                                                          "dropout": 0.0})
+    assert val == pytest.approx(validation_loss(imp["model"], run_cfg), rel=1e-5)
 
 
 def test_tokenizer_is_written_in_nbp_megas_format(imports):
