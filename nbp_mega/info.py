@@ -20,7 +20,7 @@ def full_parameter_counts(model) -> dict[str, int]:
 
     counts = {"total": 0, "non_embedding": 0}
     for name, p in model.named_parameters():
-        n = p.numel() * (model.tp_size if is_tp_sharded(p) else 1)
+        n = getattr(p, "ds_numel", p.numel()) * (model.tp_size if is_tp_sharded(p) else 1)
         counts["total"] += n
         if name.startswith("layers."):
             counts["non_embedding"] += n

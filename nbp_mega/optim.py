@@ -46,7 +46,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, *, cpu_offload: bool = F
         if not p.requires_grad:
             continue
         is_table = "emb" in name.split(".")[0]
-        (no_decay if p.ndim < 2 or is_table else decay).append(p)
+        ndim = len(getattr(p, "ds_shape", p.shape))  # built ZeRO-3 partitioned: p is empty
+        (no_decay if ndim < 2 or is_table else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)

@@ -98,7 +98,19 @@ def init_weights(model, cfg, dims) -> None:
                          for k in diff)
         raise ConfigError(f"train.init_from={cfg.train.init_from} holds a model of another "
                           f"config ({diff}); expected the same model settings")
-    model.load_state_dict(source.state_dict(), strict=True)
+    state = source.state_dict()
+    if any(hasattr(p, "ds_id") for p in model.parameters()):  # built ZeRO-3 partitioned
+        import deepspeed
+
+        for name, p in model.named_parameters():  # one whole parameter at a time
+            # (modifier_rank: a rank of the parameter's data-parallel group, which broadcasts)
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                p.data.copy_(state[name])
+        for name, buf in model.named_buffers():
+            if name in state:
+                buf.copy_(state[name])
+    else:
+        model.load_state_dict(state, strict=True)
     log.info("initialised the weights from %s", cfg.train.init_from)
 
 
@@ -119,6 +131,8 @@ def main(argv: list[str] | None = None) -> None:
         convert_to_universal,
         declare_tp_layout,
         needs_universal_checkpoint,
+        param_shape,
+        partitioned_build,
     )
     from nbp_mega.parallel.dims import init_parallel, report_devices, shutdown_parallel
     from nbp_mega.parallel.layers import TensorParallel
@@ -148,7 +162,8 @@ def main(argv: list[str] | None = None) -> None:
                                       text=TextSpec.from_model(cfg.model))
 
     torch.manual_seed(cfg.seed)  # same on every rank: TP shards are cut from one full init
-    model = NBPTransformer(cfg.model, TensorParallel(dims, init_std=cfg.model.init_std))
+    with partitioned_build(cfg, dims):  # ZeRO-3: partitioned over dp as it is built
+        model = NBPTransformer(cfg.model, TensorParallel(dims, init_std=cfg.model.init_std))
     if cfg.train.init_from and not resume:
         init_weights(model, cfg, dims)
     model = model.to(dims.device)
@@ -159,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     engine = build_engine(model, optimizer, build_scheduler(optimizer, cfg.optim,
                                                             cfg.train.steps), cfg, dims,
                           load_universal=universal)
-    matmul = counts["non_embedding"] + model.head.linear.weight.numel() * dims.tp
+    matmul = counts["non_embedding"] + param_shape(model.head.linear.weight).numel() * dims.tp
     peak = peak_tflops(dims.device, cfg.train.precision, cfg.log.peak_tflops)
     trainer = Trainer(cfg, dims=dims, engine=engine, layout=model.layout, loader=loader,
                       val_index=val_index, checkpointer=checkpointer, metrics=None,

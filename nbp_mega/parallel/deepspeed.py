@@ -157,6 +157,34 @@ def _wrap_bare_universal_tensors(out_dir: str) -> None:
                 torch.save({PARAM: value}, file)
 
 
+def partitioned_build(cfg, dims: ParallelDims):
+    """The context to build the model in: with parallel.zero_stage=3, deepspeed.zero.Init
+    over the data-parallel group (with our mpu), so each parameter is partitioned as soon as
+    its module is built and no rank ever holds the whole model; otherwise nothing.
+
+    Values are those of the unpartitioned build: every rank seeds alike and builds each
+    parameter whole (megatron's CPU initialisation cuts the TP shard from a full master
+    weight) before zero.Init keeps its 1/dp part. Afterwards a parameter's shapes are in
+    `ds_shape` / `ds_numel` (`p.shape` is empty); read them through `param_shape`.
+    """
+    if cfg.parallel.zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    config = deepspeed_config(cfg, dims)
+    # zero.Init checks the batch arithmetic against another world size than the engine's:
+    # it only needs the ZeRO and precision sections, so leave it the per-rank numbers alone
+    config.pop("train_batch_size", None)
+    return deepspeed.zero.Init(data_parallel_group=dims.dp_group, mpu=_Mpu(dims),
+                               config_dict_or_path=config,
+                               remote_device="cpu" if cfg.parallel.offload_params else None)
+
+
+def param_shape(p: torch.Tensor) -> torch.Size:
+    """A parameter's (TP-local) shape, whether or not ZeRO-3 has partitioned it."""
+    return getattr(p, "ds_shape", p.shape)
+
+
 def declare_tp_layout(model: nn.Module) -> dict:
     """How our tensors split over tensor parallelism, in DeepSpeed's universal-checkpoint terms.
 

@@ -53,7 +53,7 @@ class TPPlan:
         dims, shapes = {}, {}
         for name, p in module.named_parameters():
             dim = _partition_dim(name, p)
-            shape = list(p.shape)
+            shape = list(getattr(p, "ds_shape", p.shape))  # ZeRO-3 partitioned: ds_shape
             if dim is not None:
                 shape[dim] *= tp
             dims[name], shapes[name] = dim, tuple(shape)
