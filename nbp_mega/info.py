@@ -17,10 +17,11 @@ from nbp_mega.model.sequence import SequenceLayout
 def full_parameter_counts(model) -> dict[str, int]:
     """Counts of the whole model (TP shards counted once per TP rank)."""
     from nbp_mega.parallel.layers import is_tp_sharded
+    from nbp_mega.parallel.tp_shards import param_shape
 
     counts = {"total": 0, "non_embedding": 0}
     for name, p in model.named_parameters():
-        n = getattr(p, "ds_numel", p.numel()) * (model.tp_size if is_tp_sharded(p) else 1)
+        n = param_shape(p).numel() * (model.tp_size if is_tp_sharded(p) else 1)
         counts["total"] += n
         if name.startswith("layers."):
             counts["non_embedding"] += n

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from nbp_mega.config_fields import option
+from nbp_mega.parallel.tp_shards import param_shape
 
 
 @dataclass
@@ -46,7 +47,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, *, cpu_offload: bool = F
         if not p.requires_grad:
             continue
         is_table = "emb" in name.split(".")[0]
-        ndim = len(getattr(p, "ds_shape", p.shape))  # built ZeRO-3 partitioned: p is empty
+        ndim = len(param_shape(p))  # p itself is empty when built ZeRO-3 partitioned
         (no_decay if ndim < 2 or is_table else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]

@@ -131,11 +131,11 @@ def main(argv: list[str] | None = None) -> None:
         convert_to_universal,
         declare_tp_layout,
         needs_universal_checkpoint,
-        param_shape,
         partitioned_build,
     )
     from nbp_mega.parallel.dims import init_parallel, report_devices, shutdown_parallel
     from nbp_mega.parallel.layers import TensorParallel
+    from nbp_mega.parallel.tp_shards import param_shape
     from nbp_mega.peak_flops import peak_tflops
     from nbp_mega.trainer import Trainer
 

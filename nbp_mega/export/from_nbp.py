@@ -285,7 +285,7 @@ def generator_weights(cfg: ModelConfig, ckpt: LightningFile) -> Weights:
                                  f"{plan.shapes[name]}")
         return tensor
 
-    return Weights(ckpt.path, read, plan, layout, V)
+    return Weights(ckpt.path, read, plan, layout)
 
 
 def tokenizer_preset(ckpt: LightningFile):

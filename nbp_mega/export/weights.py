@@ -46,8 +46,7 @@ class Weights:
     path: str  # where they come from (a checkpoint folder, or a description)
     read: Callable[[str], torch.Tensor]  # state-dict name -> full fp32 tensor
     plan: TPPlan
-    layout: object  # nbp_mega.model.sequence.SequenceLayout
-    vocab_size: int
+    layout: object  # nbp_mega.model.sequence.SequenceLayout (its cfg: the model config)
     ckpt: object = None  # nbp_mega.parallel.zero_checkpoint.TrainingCheckpoint, if one
 
     @classmethod
@@ -58,7 +57,7 @@ class Weights:
                              "one built at TP=1 (or export its checkpoint)")
         state = model.state_dict()
         return cls(path, lambda name: state[name].detach().float(), TPPlan.of(model, tp=1),
-                   model.layout, model.cfg.vocab_size)
+                   model.layout)
 
     @property
     def names(self) -> list[str]:
@@ -67,7 +66,7 @@ class Weights:
     def unpadded_rows(self, name: str) -> int | None:
         """Rows kept of a vocabulary-padded tensor (None: not one)."""
         return {"tok_emb.weight": self.layout.embed_vocab,
-                "head.linear.weight": self.vocab_size}.get(name)
+                "head.linear.weight": self.layout.cfg.vocab_size}.get(name)
 
     def tensors(self, export: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, full fp32 tensor) in the model's order; export=True: export names, padded
@@ -104,11 +103,9 @@ def open_checkpoint(run_or_checkpoint: str, checkpoint: str | None = None):
         cfg, state = read_state_dict(run_or_checkpoint)
         plan, layout = model_plan(cfg.model)
         plan.check_keys(state, f"state-dict file {run_or_checkpoint}")
-        return cfg, Weights(run_or_checkpoint, state.__getitem__, plan, layout,
-                            cfg.model.vocab_size)
+        return cfg, Weights(run_or_checkpoint, state.__getitem__, plan, layout)
     cfg, path = resolve_checkpoint(run_or_checkpoint, checkpoint)
     ckpt = TrainingCheckpoint(path)
     plan, layout = model_plan(cfg.model)
     plan.check_names(ckpt.rank(0).names, f"checkpoint {path}")
-    return cfg, Weights(path, lambda name: ckpt.tensor(name, plan), plan, layout,
-                        cfg.model.vocab_size, ckpt)
+    return cfg, Weights(path, lambda name: ckpt.tensor(name, plan), plan, layout, ckpt)

@@ -165,7 +165,8 @@ def partitioned_build(cfg, dims: ParallelDims):
     Values are those of the unpartitioned build: every rank seeds alike and builds each
     parameter whole (megatron's CPU initialisation cuts the TP shard from a full master
     weight) before zero.Init keeps its 1/dp part. Afterwards a parameter's shapes are in
-    `ds_shape` / `ds_numel` (`p.shape` is empty); read them through `param_shape`.
+    `ds_shape` / `ds_numel` (`p.shape` is empty); read them through
+    nbp_mega.parallel.tp_shards.param_shape.
     """
     if cfg.parallel.zero_stage != 3:
         return contextlib.nullcontext()
@@ -178,11 +179,6 @@ def partitioned_build(cfg, dims: ParallelDims):
     return deepspeed.zero.Init(data_parallel_group=dims.dp_group, mpu=_Mpu(dims),
                                config_dict_or_path=config,
                                remote_device="cpu" if cfg.parallel.offload_params else None)
-
-
-def param_shape(p: torch.Tensor) -> torch.Size:
-    """A parameter's (TP-local) shape, whether or not ZeRO-3 has partitioned it."""
-    return getattr(p, "ds_shape", p.shape)
 
 
 def declare_tp_layout(model: nn.Module) -> dict:

@@ -33,6 +33,12 @@ from nbp_mega.parallel.collectives import tensor_parallel_group
 log = logging.getLogger("nbp_mega.parallel")
 
 
+def param_shape(p: torch.Tensor) -> torch.Size:
+    """A parameter's (TP-local) shape, whether or not ZeRO-3 has partitioned it (then
+    `p.shape` is empty and DeepSpeed keeps the shape in `ds_shape`)."""
+    return getattr(p, "ds_shape", p.shape)
+
+
 class ShardError(ValueError):
     """State-dict shards that do not fit the model: keys, shapes or sizes."""
 
@@ -53,7 +59,7 @@ class TPPlan:
         dims, shapes = {}, {}
         for name, p in module.named_parameters():
             dim = _partition_dim(name, p)
-            shape = list(getattr(p, "ds_shape", p.shape))  # ZeRO-3 partitioned: ds_shape
+            shape = list(param_shape(p))
             if dim is not None:
                 shape[dim] *= tp
             dims[name], shapes[name] = dim, tuple(shape)

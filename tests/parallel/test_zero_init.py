@@ -21,9 +21,10 @@ def _build_worker(tp: int, family: str) -> dict:
 
     from nbp_mega.config import load_config
     from nbp_mega.model import NBPTransformer
-    from nbp_mega.parallel.deepspeed import param_shape, partitioned_build
+    from nbp_mega.parallel.deepspeed import partitioned_build
     from nbp_mega.parallel.dims import init_parallel, shutdown_parallel
     from nbp_mega.parallel.layers import TensorParallel
+    from nbp_mega.parallel.tp_shards import param_shape
     from tests.test_train import ROOT
 
     cfg = load_config(f"{ROOT}/configs/tiny.yaml", [*MODEL, f"model.family={family}",
