@@ -55,6 +55,7 @@ def check_resume_compatible(state: dict, cfg, dims) -> bool:
     """
     from nbp_mega.config import to_dict
     from nbp_mega.config_fields import ConfigError
+    from nbp_mega.model.config import ModelConfig
     from nbp_mega.parallel.deepspeed import needs_universal_checkpoint
 
     layout = state.get("layout", {})
@@ -74,7 +75,8 @@ def check_resume_compatible(state: dict, cfg, dims) -> bool:
                               "new run from its weights (train.init_from=<this run_dir>; the "
                               "optimizer state starts afresh)")
     saved, now = state["config"], to_dict(cfg)["model"]
-    diff = [k for k in now if saved["model"].get(k) != now[k]]
+    diff = [k for k in now
+            if k not in ModelConfig.MEMORY_FIELDS and saved["model"].get(k) != now[k]]
     if diff:
         details = ", ".join(f"model.{k}: checkpoint {saved['model'].get(k)!r} vs {now[k]!r}"
                             for k in diff)
@@ -88,11 +90,12 @@ def init_weights(model, cfg, dims) -> None:
     are of this model config."""
     from nbp_mega.config_fields import ConfigError
     from nbp_mega.generate.load import load_trained_model
+    from nbp_mega.model.config import ModelConfig
 
     source, saved = load_trained_model(cfg.train.init_from, dims=dims)
-    free = ("dropout", "activation_checkpointing", "init_std")  # may change for a new run
     diff = [k for k in vars(cfg.model)
-            if k not in free and getattr(saved.model, k) != getattr(cfg.model, k)]
+            if k not in ModelConfig.NEW_RUN_FIELDS
+            and getattr(saved.model, k) != getattr(cfg.model, k)]
     if diff:
         diff = ", ".join(f"model.{k}: {getattr(saved.model, k)!r} vs {getattr(cfg.model, k)!r}"
                          for k in diff)
@@ -120,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     quiet_third_party_warnings()  # before megatron and deepspeed are imported
 
     from nbp_mega.checkpoint import Checkpointer
+    from nbp_mega.cluster.hosts import check_shared_run_dir
     from nbp_mega.config import dump_config, load_config
     from nbp_mega.data.loader import TextSpec, build_loaders
     from nbp_mega.info import full_parameter_counts, training_flops_per_token
@@ -143,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(config_path, overrides)
     dims = init_parallel(cfg.parallel)
     setup_logging(dims.rank)
+    check_shared_run_dir(cfg.run_dir, dims)  # every host sees the same run_dir
     report_devices(dims)
     checkpointer = Checkpointer(cfg.run_dir, keep_last=cfg.train.keep_last, rank=dims.rank)
     resume, saved_streams, universal = checkpointer.latest(), 0, False

@@ -351,3 +351,20 @@ def test_bench_generation_records_add_up():
 
 
 BLOCK_LEN = {"rows": 8, "frames": 32, "ntp": 1}
+
+
+def test_bench_loss_memory_chunks_hold_a_fraction_of_the_logits():
+    """At the 700M preset's vocabulary (64,000) and 1,264 targets per clip, the unchunked
+    loss's peak is at least the fp32 logits of the clip; in chunks of 256 positions
+    (a fifth of them) it is under half of that (one chunk's logits, softmax and gradient)."""
+    proc = subprocess.run([sys.executable, str(TOOLS / "bench_loss_memory.py"), "--json",
+                           "--micro-batch", "1", "--chunks", "0,256"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    machine, whole, chunked = json.loads(proc.stdout)
+    assert machine["shape"] == "machine" and whole["loss_chunk"] == 0
+    assert whole["vocab"] == 64000 and whole["positions"] == 1264
+    assert whole["peak_bytes"] >= whole["logits_bytes"]
+    assert chunked["peak_bytes"] < 0.5 * whole["peak_bytes"], (whole, chunked)
+    assert chunked["peak_over_unchunked"] == pytest.approx(
+        chunked["peak_bytes"] / whole["peak_bytes"], rel=1e-3)

@@ -90,7 +90,9 @@ def test_zero3_on_two_ranks_matches_zero0_in_one_process(shards, tmp_path):
 
     Same global batch of 8 everywhere: ZeRO-3 over 2 ranks (micro batch 4), ZeRO-0 in one
     process with 2 accumulation steps, ZeRO-3 with the optimizer offloaded to the CPU, bf16,
-    and tensor parallelism 2 with ZeRO-3 (torchrun through `bash launch.sh`).
+    and tensor parallelism 2 with ZeRO-3 (torchrun through `bash launch.sh`). The offload
+    and TP=2 runs compute the loss in chunks of positions (model.loss_chunk, recomputed in
+    backward; the others in one piece).
     """
     (tmp_path / "hosts").write_text("localhost slots=2\n")
     (tmp_path / "bin").mkdir()
@@ -101,14 +103,15 @@ def test_zero3_on_two_ranks_matches_zero0_in_one_process(shards, tmp_path):
          f"{ROOT}/configs/tiny.yaml", *overrides(shards, runs["z3"], "parallel.zero_stage=3")],
         cwd=tmp_path, PATH=f"{tmp_path}/bin:{BIN}:{os.environ['PATH']}")
     single = {"z0": ["parallel.zero_stage=0", "train.micro_batch=4"],
-              "offload": ["parallel.zero_stage=3", "parallel.offload_optimizer=true"],
+              "offload": ["parallel.zero_stage=3", "parallel.offload_optimizer=true",
+                          "model.loss_chunk=40"],
               "bf16": ["parallel.zero_stage=3", "train.precision=bf16"]}
     for name, extra in single.items():
         run([sys.executable, "-m", "nbp_mega.train", f"{ROOT}/configs/tiny.yaml",
              *overrides(shards, runs[name], *extra)], cwd=tmp_path)
     run(["bash", f"{ROOT}/launch.sh", f"{ROOT}/configs/tiny.yaml",
          *overrides(shards, runs["tp2"], "parallel.tensor=2", "parallel.zero_stage=3",
-                    "log.profile_start=2", "log.profile_steps=2")],
+                    "model.loss_chunk=24", "log.profile_start=2", "log.profile_steps=2")],
         cwd=tmp_path, NPROC_PER_NODE="2")
     records = {name: train_records(path) for name, path in runs.items()}
     a = records["z3"]

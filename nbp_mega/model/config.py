@@ -71,6 +71,15 @@ class ModelConfig:
     vocab_pad_multiple: int = option(128, "pad embedding/head rows to a multiple of this "
                                      "(must be divisible by parallel.tensor)", min=1)
     activation_checkpointing: bool = option(False, "recompute each layer in backward")
+    loss_chunk: int = option(512, "the head and loss run over this many positions at a time "
+                             "(the batch's targets flattened), recomputed in backward, so "
+                             "the fp32 logits of a whole micro-batch never exist (0 = all "
+                             "at once)", min=0)
+
+    # Settings of how a run computes, not of the weights: a resume or train.init_from may
+    # change them (dropout and init_std only the latter: they change the training itself).
+    MEMORY_FIELDS = ("activation_checkpointing", "loss_chunk")
+    NEW_RUN_FIELDS = (*MEMORY_FIELDS, "dropout", "init_std")
 
     def resolved(self) -> ModelConfig:
         """A copy with layers/hidden/heads/ffn_hidden filled in from the size table."""

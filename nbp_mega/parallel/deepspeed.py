@@ -160,7 +160,8 @@ def _wrap_bare_universal_tensors(out_dir: str) -> None:
 def partitioned_build(cfg, dims: ParallelDims):
     """The context to build the model in: with parallel.zero_stage=3, deepspeed.zero.Init
     over the data-parallel group (with our mpu), so each parameter is partitioned as soon as
-    its module is built and no rank ever holds the whole model; otherwise nothing.
+    its module is built and no rank ever holds the whole model; otherwise (or with
+    parallel.zero_init=false: each rank builds it whole, DeepSpeed partitions it later) nothing.
 
     Values are those of the unpartitioned build: every rank seeds alike and builds each
     parameter whole (megatron's CPU initialisation cuts the TP shard from a full master
@@ -168,7 +169,7 @@ def partitioned_build(cfg, dims: ParallelDims):
     `ds_shape` / `ds_numel` (`p.shape` is empty); read them through
     nbp_mega.parallel.tp_shards.param_shape.
     """
-    if cfg.parallel.zero_stage != 3:
+    if cfg.parallel.zero_stage != 3 or not cfg.parallel.zero_init:
         return contextlib.nullcontext()
     import deepspeed
 

@@ -38,6 +38,9 @@ class ParallelConfig:
                              choices=[0, 1, 2, 3])
     offload_optimizer: bool = option(False, "ZeRO: optimizer states and step on the CPU")
     offload_params: bool = option(False, "ZeRO-3: parameters live on the CPU between uses")
+    zero_init: bool = option(True, "ZeRO-3: build the model already partitioned "
+                             "(deepspeed.zero.Init), so no rank holds it whole; false builds "
+                             "it whole on every rank first")
     backend: str = option("auto", "torch.distributed backend (auto: nccl with GPUs, else gloo)",
                           choices=["auto", "nccl", "gloo"])
     timeout_minutes: int = option(30, "collective timeout before a hung job fails", min=1)

@@ -83,3 +83,20 @@ def test_llama_has_no_biases_and_gpt_does(dims):
              for f in ("gpt", "llama")}
     assert any(n.endswith("bias") for n in names["gpt"])
     assert not any(n.endswith("bias") for n in names["llama"])
+
+
+@pytest.mark.parametrize("chunk", [7, 32, 128])  # 128 = the 2 x 64 targets: one chunk
+def test_chunked_loss_same_loss_and_gradients(dims, chunk):
+    """model.loss_chunk splits the head + loss over flattened positions (recomputed in
+    backward): the losses and every gradient are those of the whole micro-batch at once."""
+    losses, grads = [], []
+    for loss_chunk in (0, chunk):
+        model = build(dims, loss_chunk=loss_chunk, num_classes=3).train()
+        torch.manual_seed(1)
+        tokens = torch.randint(0, 50, (2, *model.cfg.grid))
+        loss = model(*model.layout.build(tokens, torch.tensor([0, 2])))
+        (loss * torch.rand_like(loss)).sum().backward()  # positions weighted differently
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-5 * grads[0].abs().max())
