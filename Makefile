@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export CUDA_HOME ?= /usr/local/cuda
 
-.PHONY: install demo test lint clean
+.PHONY: install system-deps demo test lint clean
 
 install: $(STAMP)
 
@@ -20,6 +20,17 @@ $(STAMP): requirements.txt setup.py pyproject.toml
 		--no-build-isolation -e . > build/install.log 2>&1 || { cat build/install.log; exit 1; }
 	@awk '/nbp_mega setup:/ { sub(/^ +/, ""); if (!seen[$$0]++) print }' build/install.log
 	touch $(STAMP)
+
+# The real cluster components the cluster tests start (tests/cluster/): Slurm (slurmctld,
+# slurmd, sbatch...) with munge, an sshd and pdsh per test host, network namespaces (iproute2).
+# Debian packages, as root; without them those tests skip and say why.
+SYSTEM_PACKAGES := slurm-wlm munge openssh-server pdsh iproute2
+system-deps:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing $$missing"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
 
 # The whole system (nbp_mega/demo/, tools/demo.py): synthetic class videos (H.264) -> the
 # shipped tiny-s4 tokenizer (sha256 checked) -> token shards -> a class-conditional NBP model

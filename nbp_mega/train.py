@@ -87,12 +87,19 @@ def check_resume_compatible(state: dict, cfg, dims) -> bool:
 
 def init_weights(model, cfg, dims) -> None:
     """Load train.init_from's weights into `model` (this rank's TP shard), checking that they
-    are of this model config."""
-    from nbp_mega.config_fields import ConfigError
-    from nbp_mega.generate.load import load_trained_model
-    from nbp_mega.model.config import ModelConfig
+    are of this model config.
 
-    source, saved = load_trained_model(cfg.train.init_from, dims=dims)
+    One full tensor at a time, read from the memory-mapped source (any run, checkpoint or
+    state-dict file) and cut to this rank's TP shard: the source model is never built, so a
+    model built partitioned (ZeRO-3) is never whole on any rank; there each parameter is
+    gathered, filled and re-partitioned in turn.
+    """
+    from nbp_mega.config_fields import ConfigError
+    from nbp_mega.export.weights import open_checkpoint
+    from nbp_mega.model.config import ModelConfig
+    from nbp_mega.parallel.tp_shards import TPPlan
+
+    saved, source = open_checkpoint(cfg.train.init_from)
     diff = [k for k in vars(cfg.model)
             if k not in ModelConfig.NEW_RUN_FIELDS
             and getattr(saved.model, k) != getattr(cfg.model, k)]
@@ -101,19 +108,23 @@ def init_weights(model, cfg, dims) -> None:
                          for k in diff)
         raise ConfigError(f"train.init_from={cfg.train.init_from} holds a model of another "
                           f"config ({diff}); expected the same model settings")
-    state = source.state_dict()
-    if any(hasattr(p, "ds_id") for p in model.parameters()):  # built ZeRO-3 partitioned
-        import deepspeed
+    plan = TPPlan.of(model, tp=dims.tp)
+    targets = dict(model.named_parameters())
+    partitioned = any(hasattr(p, "ds_id") for p in targets.values())
+    targets.update((k, v) for k, v in model.state_dict(keep_vars=True).items()
+                   if torch.is_tensor(v) and k not in targets)  # persistent buffers
+    with torch.no_grad():
+        for name, target in targets.items():
+            shard = plan.split_tensor(name, source.read(name), dims.tp, dims.tp_rank)
+            if partitioned and hasattr(target, "ds_id"):
+                import deepspeed
 
-        for name, p in model.named_parameters():  # one whole parameter at a time
-            # (modifier_rank: a rank of the parameter's data-parallel group, which broadcasts)
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-                p.data.copy_(state[name])
-        for name, buf in model.named_buffers():
-            if name in state:
-                buf.copy_(state[name])
-    else:
-        model.load_state_dict(state, strict=True)
+                # modifier_rank: a rank of the parameter's data-parallel group, which
+                # broadcasts the filled parameter before it is partitioned again
+                with deepspeed.zero.GatheredParameters([target], modifier_rank=0):
+                    target.data.copy_(shard)
+            else:
+                target.data.copy_(shard)
     log.info("initialised the weights from %s", cfg.train.init_from)
 
 
