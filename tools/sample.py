@@ -86,25 +86,6 @@ def parse_args(argv):
     return args
 
 
-def resolve_checkpoint(path: str, name: str | None) -> tuple[str, str]:
-    """RUN_DIR_OR_CHECKPOINT (+ --checkpoint) -> (run directory, checkpoint name)."""
-    from nbp_mega.checkpoint import Checkpointer
-
-    path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    if not os.path.exists(os.path.join(path, "config.yaml")) and \
-            os.path.basename(parent) == "checkpoints":
-        if name not in (None, os.path.basename(path)):
-            raise UsageError(f"{path} is checkpoint {os.path.basename(path)}, --checkpoint "
-                             f"says {name}: expected one of the two")
-        return os.path.dirname(parent), os.path.basename(path)
-    name = name or Checkpointer(path, keep_last=1, rank=0).latest()
-    if name is None:
-        raise FileNotFoundError(f"{path}: no checkpoints/latest; expected a run directory "
-                                "with a checkpoint, or a checkpoint folder inside one")
-    return path, name
-
-
 def sampling_from(args) -> SamplingConfig:
     if args.greedy and args.temperature not in (None, 0.0):
         raise UsageError(f"--greedy with --temperature {args.temperature}: greedy is "
@@ -276,7 +257,7 @@ def write_media(out: str, tokens: torch.Tensor, tokenizer, fps: int) -> list[str
 
 def load(args, dims):
     """(model, run config, checkpoint record, tokenizer or None), every check done."""
-    from nbp_mega.generate.load import load_trained_model
+    from nbp_mega.generate.load import load_trained_model, resolve_checkpoint
     from nbp_mega.tokenizer.video import load_video_tokenizer
 
     if os.path.isfile(args.run):  # a state-dict file (tools/convert_to_hf.py --state-dict)
@@ -285,9 +266,9 @@ def load(args, dims):
             raise UsageError(f"{args.run} is a state-dict file: expected no --checkpoint")
         model, cfg = load_trained_model(path, dims=dims)
     else:
-        run_dir, name = resolve_checkpoint(args.run, args.checkpoint)
-        path = os.path.join(run_dir, "checkpoints", name)
-        model, cfg = load_trained_model(run_dir, name, dims=dims)
+        _, path = resolve_checkpoint(os.path.abspath(args.run), args.checkpoint)
+        run_dir, name = os.path.dirname(os.path.dirname(path)), os.path.basename(path)
+        model, cfg = load_trained_model(path, dims=dims)
     tokenizer = None
     if args.tokenizer:  # every rank: the same checks everywhere, and the prefix needs it
         tokenizer = load_video_tokenizer(args.tokenizer, device=dims.device)

@@ -31,7 +31,10 @@ def resolve_checkpoint(run_dir: str, checkpoint: str | None = None):
     from nbp_mega.config import config_from_dict
 
     state_file = os.path.join(run_dir, "trainer_state.json")
-    if checkpoint is None and os.path.exists(state_file):
+    if os.path.exists(state_file):  # a checkpoint folder
+        if checkpoint not in (None, os.path.basename(os.path.normpath(run_dir))):
+            raise ValueError(f"{run_dir} is checkpoint {os.path.basename(run_dir)}, the "
+                             f"checkpoint name given is {checkpoint}: expected one of the two")
         with open(state_file) as f:
             return config_from_dict(json.load(f)["config"]), run_dir
     config_path = os.path.join(run_dir, "config.yaml")

@@ -100,3 +100,6 @@ def test_a_missing_run_or_checkpoint_is_named(tmp_path, dims):
     with pytest.raises(CheckpointError, match=r"missing mp_rank_00_model_states.pt, .*A "
                        r"complete ZeRO-1 fp32, tp=2 x dp=1 checkpoint has 4 files"):
         load_trained_model(str(tmp_path), "step_00000001", dims=dims)
+    with pytest.raises(ValueError, match=r"is checkpoint step_00000001, the checkpoint name "
+                       r"given is step_00000002: expected one of the two"):
+        load_trained_model(str(folder), "step_00000002", dims=dims)
