@@ -33,5 +33,8 @@ import sys
 
 here = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, here)
+from nbp_mega.cluster.hosts import preflight_deepspeed_hosts  # noqa: E402
+
+preflight_deepspeed_hosts()  # every host reachable, or stop now, naming those that are not
 sys.argv[0] = "nbp_mega.train"
 runpy.run_module("nbp_mega.train", run_name="__main__", alter_sys=True)
