@@ -176,7 +176,7 @@ class NBPTransformer(nn.Module):
         Over model.loss_chunk of the B * Nt positions at a time, each chunk's head and
         cross-entropy recomputed in backward: the fp32 logits (and their softmax and
         gradient) of one chunk exist at a time, never those of the whole micro-batch
-        (at the 700M preset's 64k vocabulary, 328 MB per clip).
+        (at the 700M preset's 64k vocabulary, 324 MB per clip).
         """
         chunk, (B, Nt) = self.cfg.loss_chunk, targets.shape
         if not chunk or B * Nt <= chunk:
