@@ -6,15 +6,19 @@ S input length; Nt targets per clip; nb blocks; L block length.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
 
 import torch
 
+from nbp_mega.cluster.slurm import REQUEUE_EXIT_CODE, Preempted, StopRequest, StopVote
 from nbp_mega.config_fields import ConfigError, option
 from nbp_mega.parallel.collectives import all_gather_objects, all_reduce_
 from nbp_mega.profiling import StepProfiler, record_function
+
+log = logging.getLogger("nbp_mega.trainer")
 
 
 @dataclass
@@ -31,6 +35,10 @@ class TrainConfig:
     eval_batches: int = option(4, "validation batches of global_batch clips", min=1)
     stop_at: int = option(0, "leave after this step with a checkpoint, as if preempted "
                           "(0 = run to train.steps)", min=0)
+    max_minutes: float = option(0.0, "checkpoint and leave with exit code 75 ('requeue me', as "
+                                "on SIGUSR1/SIGTERM) after the first step that ends this many "
+                                "minutes after the process started; all ranks stop at the "
+                                "same step (0 = no limit)", min=0.0)
     init_from: str = option("", "start a new run from these weights: a state-dict file "
                             "(tools/convert_to_hf.py --state-dict, tools/convert_from_nbp.py) or "
                             "a run / checkpoint folder of any ZeRO stage and TP size; the "
@@ -54,6 +62,7 @@ class Trainer:
         self.micro, self.accum = batch_arithmetic(cfg.train.global_batch,
                                                   cfg.train.micro_batch, dims.dp)
         self.step = 0
+        self.stop = StopRequest(cfg.train.max_minutes)  # SIGUSR1, SIGTERM, train.max_minutes
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -77,27 +86,48 @@ class Trainer:
 
     # -- loop --------------------------------------------------------------------------------
     def train(self) -> None:
+        """Steps up to train.stop_at or train.steps. Raises Preempted (exit code 75) after the
+        checkpoint of the step at which the ranks agreed to stop early (StopRequest)."""
         cfg = self.cfg.train
         last = cfg.stop_at or cfg.steps
         profiler = self._profiler()
-        while self.step < last:
-            with profiler.step(self.step + 1):
-                waited = time.perf_counter()
-                with record_function("nbp.data"):
-                    batch = self.loader.next_batch()
-                waited = time.perf_counter() - waited
-                record, block_loss = self.train_step(batch)
-            record["data_seconds"] = waited  # not in step_seconds: the loader prefetches
-            self.step += 1
-            record = {"step": self.step, **record}
-            show_blocks = self.step % self.cfg.log.block_loss_every == 0
-            self.metrics.log_step(record, block_loss if show_blocks else None)
-            if cfg.eval_every and self.step % cfg.eval_every == 0:
+        with self.stop.handling_signals():
+            while self.step < last:
+                self._train_one(profiler)
+                if cfg.eval_every and self.step % cfg.eval_every == 0:
+                    self.evaluate()
+                stop = self.stop.agreed()  # every step, on every rank: the same answer
+                if stop or (cfg.save_every and self.step % cfg.save_every == 0) \
+                        or self.step == last:
+                    self.checkpointer.save(self.engine, self.step, self.state_dict())
+                    stop = stop or self.stop.agreed()  # came during the save: it will do
+                if stop and self.step < cfg.steps:
+                    self._leave(stop)
+            if self.step == cfg.steps and not (cfg.eval_every and
+                                               cfg.steps % cfg.eval_every == 0):
                 self.evaluate()
-            if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == last:
-                self.checkpointer.save(self.engine, self.step, self.state_dict())
-        if self.step == cfg.steps and not (cfg.eval_every and cfg.steps % cfg.eval_every == 0):
-            self.evaluate()
+
+    def _train_one(self, profiler: StepProfiler) -> None:
+        """The next step: a batch, train_step, the metrics line."""
+        with profiler.step(self.step + 1):
+            waited = time.perf_counter()
+            with record_function("nbp.data"):
+                batch = self.loader.next_batch()
+            waited = time.perf_counter() - waited
+            record, block_loss = self.train_step(batch)
+        record["data_seconds"] = waited  # not in step_seconds: the loader prefetches
+        self.step += 1
+        record = {"step": self.step, **record}
+        show_blocks = self.step % self.cfg.log.block_loss_every == 0
+        self.metrics.log_step(record, block_loss if show_blocks else None)
+
+    def _leave(self, stop: StopVote) -> None:
+        log.warning("stopping after step %d of %d: %s. Checkpoint step_%08d is written; exit "
+                    "code %d asks the launcher to requeue the job (tools/slurm/train.sbatch "
+                    "does), and the same command resumes", self.step, self.cfg.train.steps,
+                    stop.reason(self.dims.world_size, self.stop.max_minutes), self.step,
+                    REQUEUE_EXIT_CODE)
+        raise Preempted()
 
     def _profiler(self) -> StepProfiler:
         log = self.cfg.log
