@@ -17,6 +17,8 @@ SIZES = {
     "700m": (24, 1536, 16),  # NBP-XL
     "1.2b": (24, 2048, 32),  # NBP-XXL
     "3b": (32, 3072, 32),  # NBP-3B
+    "7b": (32, 4096, 32),  # LLaMA-7B's shape: 6.4B non-embedding with gpt layers
+    "14b": (40, 5120, 40),  # LLaMA-13B / Qwen-14B's shape: 12.6B non-embedding (gpt)
 }
 
 
