@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -29,6 +30,23 @@ def shards(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def tp1_runs(shards, tmp_path_factory):
+    """(full, stopped): the default layout (ZeRO-3, TP=1 on 2 ranks) run 6 steps
+    uninterrupted, and run again stopped after step 3 (checkpoint and validation loss of step
+    3). Shared: tests that resume `stopped` resume a copy of it."""
+    tmp = tmp_path_factory.mktemp("tp1_runs")
+    full, stopped = tmp / "full", tmp / "stopped"
+    run([*LAUNCH, *overrides(shards, full)], cwd=tmp, NPROC_PER_NODE="2")
+    run([*LAUNCH, *overrides(shards, stopped, "train.stop_at=3")], cwd=tmp, NPROC_PER_NODE="2")
+    return full, stopped
+
+
+def resumable_copy(stopped, run_dir):
+    shutil.copytree(stopped, run_dir)
+    return run_dir
+
+
 def overrides(shards, run_dir, *extra) -> list[str]:
     return [f"run_dir={run_dir}", "model.layers=2", "model.hidden=32", "model.heads=4",
             "model.grid=[2,4,8]", "model.block_shape=[1,1,8]", "model.vocab_size=32",
@@ -41,6 +59,7 @@ def overrides(shards, run_dir, *extra) -> list[str]:
 
 # What a job of ours leaves in os.environ when tests run one in this process.
 JOB_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+LAUNCH = ["bash", f"{ROOT}/launch.sh", f"{ROOT}/configs/tiny.yaml"]  # torchrun, NPROC_PER_NODE
 
 
 def run(cmd: list[str], cwd, **env) -> subprocess.CompletedProcess:
@@ -72,7 +91,7 @@ def assert_resumed(before: list[str], after: list[str], proc, run_dir, step: int
     assert f"resumed from {checkpoint} (step {step})" in proc.stderr
 
 
-def test_zero3_on_two_ranks_matches_zero0_in_one_process(shards, tmp_path):
+def test_zero3_on_two_ranks_matches_zero0_in_one_process(shards, tp1_runs, tmp_path):
     """Same global batch of 8 everywhere: ZeRO-3 over 2 ranks (micro batch 4), ZeRO-0 in one
     process with 2 accumulation steps, ZeRO-3 with the optimizer offloaded to the CPU, bf16,
     and tensor parallelism 2 with ZeRO-3 (torchrun through `bash launch.sh`; the DeepSpeed
@@ -80,10 +99,8 @@ def test_zero3_on_two_ranks_matches_zero0_in_one_process(shards, tmp_path):
     and TP=2 runs compute the loss in chunks of positions (model.loss_chunk, recomputed in
     backward; the others in one piece).
     """
-    runs = {name: tmp_path / name for name in ("z3", "z0", "offload", "bf16", "tp2")}
-    run(["bash", f"{ROOT}/launch.sh", f"{ROOT}/configs/tiny.yaml",
-         *overrides(shards, runs["z3"], "parallel.zero_stage=3")],
-        cwd=tmp_path, NPROC_PER_NODE="2")
+    runs = {name: tmp_path / name for name in ("z0", "offload", "bf16", "tp2")}
+    runs["z3"] = tp1_runs[0]
     single = {"z0": ["parallel.zero_stage=0", "train.micro_batch=4"],
               "offload": ["parallel.zero_stage=3", "parallel.offload_optimizer=true",
                           "model.loss_chunk=40"],
@@ -146,19 +163,22 @@ def test_resume_continues_exactly(shards, tmp_path):
 
 
 @pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
-def test_resume_on_another_tensor_parallel_size(shards, tmp_path, before, after):
+def test_resume_on_another_tensor_parallel_size(shards, tp1_runs, tmp_path, before, after):
     """ZeRO-3 on 2 ranks at TP=`before` stopped after step 3, resumed on 2 ranks at
     TP=`after` (dp 2/tp): the checkpoint goes through DeepSpeed's universal format with our
     TP layout declared (parallel.deepspeed.declare_tp_layout) and is cut into the new TP
     shards. Steps 4-6 see the uninterrupted run's batches and give its losses; the Adam
     moments and step counts came along (a restart with fresh optimizer state, or from
     scratch, would not give them)."""
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    launch = ["bash", f"{ROOT}/launch.sh", f"{ROOT}/configs/tiny.yaml"]
-    run([*launch, *overrides(shards, full, f"parallel.tensor={before}")], cwd=tmp_path,
-        NPROC_PER_NODE="2")
-    run([*launch, *overrides(shards, resumed, f"parallel.tensor={before}", "train.stop_at=3")],
-        cwd=tmp_path, NPROC_PER_NODE="2")
+    launch = LAUNCH
+    if before == 1:
+        full, resumed = tp1_runs[0], resumable_copy(tp1_runs[1], tmp_path / "resumed")
+    else:
+        full, resumed = tmp_path / "full", tmp_path / "resumed"
+        run([*launch, *overrides(shards, full, f"parallel.tensor={before}")], cwd=tmp_path,
+            NPROC_PER_NODE="2")
+        run([*launch, *overrides(shards, resumed, f"parallel.tensor={before}",
+                                 "train.stop_at=3")], cwd=tmp_path, NPROC_PER_NODE="2")
     lines = metrics_lines(resumed)
     proc = run([*launch, *overrides(shards, resumed, f"parallel.tensor={after}")],
                cwd=tmp_path, NPROC_PER_NODE="2")
@@ -175,15 +195,12 @@ def test_resume_on_another_tensor_parallel_size(shards, tmp_path, before, after)
     assert state["step"] == 6 and state["consumed_samples"] == 48
 
 
-def test_a_new_run_starts_from_given_weights(shards, tmp_path):
-    """train.init_from: a run trained 3 steps (ZeRO-3, TP=1 on 2 ranks), given as its
+def test_a_new_run_starts_from_given_weights(shards, tp1_runs, tmp_path):
+    """train.init_from: a run stopped after 3 steps (ZeRO-3, TP=1 on 2 ranks), given as its
     state-dict file (tools/convert_to_hf.py --state-dict) to a new run at TP=2, and as its run
     directory to one at TP=1. With lr 0 the new runs' model stays what they loaded, so their
     validation loss is the one the source logged (a fresh initialisation gives another)."""
-    source = tmp_path / "source"
-    launch = ["bash", f"{ROOT}/launch.sh", f"{ROOT}/configs/tiny.yaml"]
-    run([*launch, *overrides(shards, source, "train.steps=3", "train.eval_every=0")],
-        cwd=tmp_path, NPROC_PER_NODE="2")
+    source, launch = tp1_runs[1], LAUNCH  # read only
     logged = read_metrics(os.path.join(source, "metrics.jsonl"))[1][-1]["val_loss"]
     run([sys.executable, f"{ROOT}/tools/convert_to_hf.py", str(source), "--state-dict",
          str(tmp_path / "source.pt"), "--no-progress"], cwd=tmp_path)
@@ -202,15 +219,11 @@ def test_a_new_run_starts_from_given_weights(shards, tmp_path):
         pytest.approx(logged, rel=1e-3)
 
 
-def test_resume_on_another_data_parallel_size(shards, tmp_path):
+def test_resume_on_another_data_parallel_size(shards, tp1_runs, tmp_path):
     """ZeRO-3 on 2 ranks stopped after step 3 and resumed by 1 process (through DeepSpeed's
     universal checkpoint): steps 4-6 see exactly the batches of the uninterrupted 2-rank run
     (same digests) and give its losses."""
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    launch = ["bash", f"{ROOT}/launch.sh", f"{ROOT}/configs/tiny.yaml"]
-    run([*launch, *overrides(shards, full)], cwd=tmp_path, NPROC_PER_NODE="2")
-    run([*launch, *overrides(shards, resumed, "train.stop_at=3")], cwd=tmp_path,
-        NPROC_PER_NODE="2")
+    full, resumed = tp1_runs[0], resumable_copy(tp1_runs[1], tmp_path / "resumed")
     before = metrics_lines(resumed)
     proc = run([sys.executable, "-m", "nbp_mega.train", f"{ROOT}/configs/tiny.yaml",
                 *overrides(shards, resumed)], cwd=tmp_path)

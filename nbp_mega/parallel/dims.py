@@ -110,12 +110,15 @@ def init_parallel(cfg: ParallelConfig) -> ParallelDims:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        if "MASTER_ADDR" not in os.environ:  # a plain single-process run
+        store = None
+        if "MASTER_ADDR" not in os.environ and world_size == 1:  # a plain single-process run
+            # an in-process store: no port to race other processes for
+            store = dist.HashStore()
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         # DeepSpeed reads these from the environment even when we created the group.
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size),
                           LOCAL_RANK=str(local_rank))
-        dist.init_process_group(backend, rank=rank, world_size=world_size,
+        dist.init_process_group(backend, rank=rank, world_size=world_size, store=store,
                                 timeout=datetime.timedelta(minutes=cfg.timeout_minutes))
     return _build_groups(cfg, device, local_rank, backend)
 

@@ -13,6 +13,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -148,6 +149,11 @@ def test_the_hosts_of_a_deepspeed_launch_are_read_from_its_per_host_launcher():
                                "deepspeed.launcher.launch", f"--world_info={world.decode()}",
                                "--node_rank=1", "--master_addr=h1", "launch.sh", "CONFIG"])
     try:
+        for _ in range(500):  # until the child has exec'd (its cmdline is then ours)
+            with open(f"/proc/{parent.pid}/cmdline", "rb") as f:
+                if b"--world_info" in f.read():
+                    break
+            time.sleep(0.01)
         assert deepspeed_launch_hosts(parent.pid) == (["h1", "h2"], 1)
     finally:
         parent.kill()
