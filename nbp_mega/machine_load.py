@@ -12,6 +12,9 @@ all.)
     watch = LoadWatch()          # at the start
     ... watch.tick() in loops, watch.sample("label") at switches ...
     record["load"] = watch.summary()
+
+Also a process's own memory as /proc counts it (`proc_status`, `reset_peak_rss`), for the
+memory benchmarks.
 """
 
 from __future__ import annotations
@@ -125,3 +128,21 @@ class LoadWatch:
                                self.cpu_before, read_cpu_ticks(),
                                time.monotonic() - self.start, os.cpu_count()),
                 "load_average": self.load_average}
+
+
+# -- this process's memory ---------------------------------------------------------------------
+def proc_status(pid: int | str = "self") -> dict[str, int]:
+    """VmRSS, VmHWM (peak RSS), RssAnon of a process, in bytes."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def reset_peak_rss() -> None:
+    """VmHWM := the current VmRSS, so the next peak is of what runs from now on."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")

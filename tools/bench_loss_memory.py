@@ -29,19 +29,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def measure(config: str, micro_batch: int, hidden: int, chunk: int) -> dict:
     """In this process: the loss's peak memory at `chunk` (0 = the whole micro-batch)."""
     import torch
 
     from nbp_mega.config import load_config
+    from nbp_mega.machine_load import proc_status, reset_peak_rss
     from nbp_mega.model import NBPTransformer
     from nbp_mega.parallel.dims import init_parallel, shutdown_parallel
     from nbp_mega.parallel.layers import TensorParallel
@@ -58,12 +51,11 @@ def measure(config: str, micro_batch: int, hidden: int, chunk: int) -> dict:
     model.loss(h[:1, :8], targets[:1, :8]).sum().backward()  # libraries loaded, threads up
     h.grad = None
     model.zero_grad()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := the current RSS
-    before, start = _status_kb("VmRSS"), time.perf_counter()
+    reset_peak_rss()
+    before, start = proc_status()["VmRSS"], time.perf_counter()
     model.loss(h, targets).mean().backward()
     seconds = time.perf_counter() - start
-    peak = _status_kb("VmHWM") - before
+    peak = proc_status()["VmHWM"] - before
     shutdown_parallel()
     positions = micro_batch * layout.num_targets
     return {"shape": "loss_memory", "loss_chunk": chunk, "positions": positions,

@@ -43,6 +43,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from nbp_mega.machine_load import proc_status, reset_peak_rss  # noqa: E402 (needs ROOT)
+
 GiB = 2**30
 SPARE_BYTES = 3 * GiB  # free memory left to the machine's other users at the estimate
 BASELINE_GUESS = GiB  # per rank, before measuring: torch + deepspeed + megatron imported
@@ -53,17 +55,6 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 # -- /proc -------------------------------------------------------------------------------------
-def proc_status(pid: int | str = "self") -> dict[str, int]:
-    """VmRSS, VmHWM (peak RSS), RssAnon of a process, in bytes."""
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "RssAnon"):
-                out[key] = int(value.split()[0]) * 1024
-    return out
-
-
 def mem_available() -> int:
     with open("/proc/meminfo") as f:
         for line in f:
@@ -82,8 +73,7 @@ class Phases:
         self.torch, self.device, self.records = torch, device, {}
 
     def _reset(self) -> None:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current VmRSS
+        reset_peak_rss()
         if self.device.type == "cuda":
             self.torch.cuda.reset_peak_memory_stats(self.device)
 
