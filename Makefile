@@ -50,7 +50,7 @@ ifneq ($(NBP_ALLOW_MISSING_EXTENSION),1)
 test: export NBP_REQUIRE_EXTENSION ?= 1
 endif
 test: install lint
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=40 tests
 
 clean:
 	rm -rf runs build *.egg-info
