@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     from nbp_mega.cluster.hosts import check_shared_run_dir
     from nbp_mega.config import dump_config, load_config
     from nbp_mega.data.loader import TextSpec, build_loaders
-    from nbp_mega.info import full_parameter_counts, training_flops_per_token
+    from nbp_mega.info import training_flops_per_token
     from nbp_mega.metrics import MetricsLogger
     from nbp_mega.model import NBPTransformer
     from nbp_mega.optim import build_optimizer, build_scheduler
@@ -150,14 +150,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     from nbp_mega.parallel.dims import init_parallel, report_devices, shutdown_parallel
     from nbp_mega.parallel.layers import TensorParallel
-    from nbp_mega.parallel.tp_shards import param_shape
+    from nbp_mega.parallel.pipeline import check_pipeline, stage_of
     from nbp_mega.peak_flops import peak_tflops
+    from nbp_mega.plan.shapes import ModelShape
     from nbp_mega.trainer import Trainer
 
     config_path, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     cfg = load_config(config_path, overrides)
     dims = init_parallel(cfg.parallel)
     setup_logging(dims.rank)
+    check_pipeline(cfg, dims.dp)
     check_shared_run_dir(cfg.run_dir, dims)  # every host sees the same run_dir
     report_devices(dims)
     checkpointer = Checkpointer(cfg.run_dir, keep_last=cfg.train.keep_last, rank=dims.rank)
@@ -178,31 +180,34 @@ def main(argv: list[str] | None = None) -> None:
                                       text=TextSpec.from_model(cfg.model))
 
     torch.manual_seed(cfg.seed)  # same on every rank: TP shards are cut from one full init
+    stage = stage_of(cfg.model, cfg.parallel, dims.pp_rank) if dims.pp > 1 else None
     with partitioned_build(cfg, dims):  # ZeRO-3: partitioned over dp as it is built
-        model = NBPTransformer(cfg.model, TensorParallel(dims, init_std=cfg.model.init_std))
+        model = NBPTransformer(cfg.model, TensorParallel(dims, init_std=cfg.model.init_std),
+                               stage)
     if cfg.train.init_from and not resume:
         init_weights(model, cfg, dims)
     model = model.to(dims.device)
     checkpointer.client_state = declare_tp_layout(model)  # resumable at another TP size
-    counts = full_parameter_counts(model)
+    shape = ModelShape(cfg.model)  # the whole model's, whichever part this rank holds
     torch.manual_seed(cfg.seed + 1 + dims.dp_rank)  # dropout differs across data-parallel ranks
     optimizer = build_optimizer(model, cfg.optim, cpu_offload=cfg.parallel.offload_optimizer)
     engine = build_engine(model, optimizer, build_scheduler(optimizer, cfg.optim,
                                                             cfg.train.steps), cfg, dims,
                           load_universal=universal)
-    matmul = counts["non_embedding"] + param_shape(model.head.linear.weight).numel() * dims.tp
     peak = peak_tflops(dims.device, cfg.train.precision, cfg.log.peak_tflops)
     trainer = Trainer(cfg, dims=dims, engine=engine, layout=model.layout, loader=loader,
                       val_index=val_index, checkpointer=checkpointer, metrics=None,
-                      flops_per_token=training_flops_per_token(cfg.model, matmul),
+                      flops_per_token=training_flops_per_token(cfg.model, shape.matmul_params),
                       peak_tflops=peak)
     if resume:
         if universal:
             checkpointer.make_universal(resume, convert_to_universal)
         trainer.load_state_dict(checkpointer.load(engine, resume, universal=universal))
-    log.info("model: %s parameters (%s non-embedding), %d tokens per clip, world %d = dp %d "
-             "x tp %d", f"{counts['total']:,}", f"{counts['non_embedding']:,}",
-             model.layout.num_targets, dims.world_size, dims.dp, dims.tp)
+    log.info("model: %s parameters (%s non-embedding), %d tokens per clip, world %d = pp %d "
+             "x dp %d x tp %d%s", f"{shape.total_params:,}", f"{shape.non_embedding_params:,}",
+             model.layout.num_targets, dims.world_size, dims.pp, dims.dp, dims.tp,
+             f"; stage {dims.pp_rank}: layers {stage.first_layer}-{stage.stop_layer - 1}"
+             if stage else "")
     trainer.metrics = MetricsLogger(cfg.run_dir, cfg.log, enabled=dims.is_main,
                                     total_steps=cfg.train.steps, start_step=trainer.step)
     try:

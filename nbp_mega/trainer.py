@@ -70,7 +70,7 @@ class Trainer:
 
         return {"step": self.step, "consumed_samples": self.step * self.cfg.train.global_batch,
                 "data": self._data_state(), "config": to_dict(self.cfg),
-                "layout": {"tp": self.dims.tp, "dp": self.dims.dp,
+                "layout": {"tp": self.dims.tp, "dp": self.dims.dp, "pp": self.dims.pp,
                            "zero_stage": self.cfg.parallel.zero_stage,
                            "precision": self.cfg.train.precision}}
 
@@ -157,20 +157,47 @@ class Trainer:
         self.engine.train()
         input_ids, targets = self._to_device(batch, self._cond_drop(batch))  # [b, S], [b, Nt]
         lr = self.engine.get_lr()[0]  # the rate this step uses (the scheduler moves on)
-        block_loss = torch.zeros(self.layout.num_target_blocks, dtype=torch.float64,
-                                 device=self.dims.device)  # [nb]; no host sync per micro step
-        for i in range(self.accum):
-            rows = slice(i * self.micro, (i + 1) * self.micro)
-            token_loss = self.engine(input_ids[rows], targets[rows])  # [m, Nt]
-            self.engine.backward(token_loss.mean())
-            with record_function("nbp.optimizer"):
-                self.engine.step()
-            per_block = token_loss.detach().view(self.micro, -1, self.layout.block_len)
-            block_loss += per_block.mean(dim=(0, 2)).double()
+        if self.dims.pp > 1:
+            block_loss = self._pipeline_step(input_ids, targets)
+        else:
+            block_loss = torch.zeros(self.layout.num_target_blocks, dtype=torch.float64,
+                                     device=self.dims.device)  # [nb]; no host sync per micro
+            for i in range(self.accum):
+                rows = slice(i * self.micro, (i + 1) * self.micro)
+                token_loss = self.engine(input_ids[rows], targets[rows])  # [m, Nt]
+                self.engine.backward(token_loss.mean())
+                with record_function("nbp.optimizer"):
+                    self.engine.step()
+                per_block = token_loss.detach().view(self.micro, -1, self.layout.block_len)
+                block_loss += per_block.mean(dim=(0, 2)).double()
         block_loss = all_reduce_(block_loss / self.accum, self.dims.dp_group, mean=True).cpu()
         data = self._data_record(batch)
         seconds = time.perf_counter() - start
         return {**self._record(block_loss.mean().item(), lr, seconds), **data}, block_loss
+
+    def _micro_batches(self, input_ids, targets):
+        """(input_ids, targets) of each micro-batch, in order: what DeepSpeed's pipeline
+        engine pulls (stage 0 uses the inputs, the last stage the targets)."""
+        return iter([(input_ids[i : i + self.micro], targets[i : i + self.micro])
+                     for i in range(0, input_ids.shape[0], self.micro)])
+
+    def _block_loss_sum(self) -> tuple[torch.Tensor, int]:
+        """The per-block loss summed over the micro-batches the pipeline just ran, and their
+        count, on every stage: the last stage computed them (StageLoss) and sends them."""
+        from nbp_mega.parallel.pipeline import StageLoss
+
+        loss_fn = self.engine.module.loss_fn
+        block_sum, count = (loss_fn.take if isinstance(loss_fn, StageLoss) else
+                            StageLoss.nothing)(self.layout.num_target_blocks, self.dims.device)
+        packed = all_reduce_(torch.cat([block_sum, block_sum.new_tensor([count])]),
+                             self.dims.pp_group)
+        return packed[:-1], int(packed[-1].item())
+
+    def _pipeline_step(self, input_ids, targets) -> torch.Tensor:
+        """One step through DeepSpeed's pipeline engine (1F1B over the accumulation
+        micro-batches, then the optimizer) -> this replica's per-block loss x accumulation."""
+        self.engine.train_batch(self._micro_batches(input_ids, targets))
+        return self._block_loss_sum()[0]
 
     def _data_record(self, batch) -> dict:
         """The global batch's digest and the broken shards met so far, summed over ranks."""
@@ -215,6 +242,13 @@ class Trainer:
                                   vocab_size=self.cfg.model.vocab_size,
                                   text=TextSpec.from_model(self.cfg.model)):
             input_ids, targets = self._to_device(batch)
+            if self.dims.pp > 1:  # the last stage's per-block means, on every stage
+                self.engine.eval_batch(self._micro_batches(input_ids, targets),
+                                       bcast_loss=False)
+                block_sum, count = self._block_loss_sum()
+                total[0] += block_sum.sum() * self.micro * self.layout.block_len
+                total[1] += count * self.micro * self.layout.num_targets
+                continue
             for rows in torch.split(torch.arange(input_ids.shape[0]), self.micro):
                 token_loss = self.engine(input_ids[rows], targets[rows])  # [m, Nt]
                 total[0] += token_loss.double().sum()

@@ -10,7 +10,9 @@ Attention is block-causal through `nbp_mega.ops.block_causal_attention`.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -109,31 +111,81 @@ class TransformerLayer(nn.Module):
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage: transformer layers [first_layer, stop_layer) of the model, with
+    the embedding on stage 0 and the final norm, head and loss on the last stage."""
+
+    index: int
+    count: int
+    first_layer: int
+    stop_layer: int
+
+    @property
+    def is_first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == self.count - 1
+
+
+class OnOtherStage(nn.Module):
+    """Stands in `NBPTransformer.layers` for a layer another pipeline stage holds, so the
+    layers this stage holds keep their model-wide names (layers.<i>...)."""
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("this transformer layer lives on another pipeline stage")
+
+
 class NBPTransformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel):
+    """The model, or with `stage` one pipeline stage of it (nbp_mega.parallel.pipeline).
+
+    Each part (embedding, positions, every layer, head) is initialised from its own seed,
+    drawn from the global RNG: the weights depend only on the seed set before the build,
+    never on which parts this process builds (any TP, DP or pipeline layout).
+    """
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, stage: Stage | None = None):
         super().__init__()
         cfg = cfg.resolved()
         self.cfg, self.layout, self.tp_size = cfg, SequenceLayout(cfg), tp.size
+        self.stage = stage or Stage(0, 1, 0, cfg.layers)
         self._check_fits(cfg, tp)
-        d = cfg.hidden
-        self.tok_emb = tp.embedding(_pad(self.layout.embed_vocab, cfg.vocab_pad_multiple), d)
-        self.pos_emb, self.rope = None, None
-        if cfg.position == "learned_1d":
-            self.pos_emb = LearnedPositions1D(cfg.max_positions, d, cfg.init_std)
-        elif cfg.position == "learned_3d":
-            self.pos_emb = LearnedPositions3D(self.layout, d, cfg.init_std)
-        else:
+        first, last, d = self.stage.is_first, self.stage.is_last, cfg.hidden
+        seeds = _PartSeeds()
+        self.tok_emb = self.pos_emb = self.rope = None
+        if first:
+            with seeds.part(0):
+                self.tok_emb = tp.embedding(_pad(self.layout.embed_vocab,
+                                                 cfg.vocab_pad_multiple), d)
+            with seeds.part(1):
+                if cfg.position == "learned_1d":
+                    self.pos_emb = LearnedPositions1D(cfg.max_positions, d, cfg.init_std)
+                elif cfg.position == "learned_3d":
+                    self.pos_emb = LearnedPositions3D(self.layout, d, cfg.init_std)
+        if cfg.position == "rope_3d":
             self.rope = Rotary3D(self.layout, d // cfg.heads, cfg.rope_theta)
         self.drop = nn.Dropout(cfg.dropout)
-        self.layers = nn.ModuleList(TransformerLayer(cfg, tp, self.layout)
-                                    for _ in range(cfg.layers))
-        self.norm = _norm(cfg)
-        head_vocab = _pad(cfg.vocab_size, cfg.vocab_pad_multiple)
-        self.head = tp.column(d, head_vocab, bias=False)
-        lo, hi = tp.vocab_range(head_vocab)
-        # Padded head rows (ids >= V) must not take probability mass.
-        self.register_buffer("pad_logits", torch.arange(lo, hi) >= cfg.vocab_size,
-                             persistent=False)
+        own = range(self.stage.first_layer, self.stage.stop_layer)
+        layers = []
+        for i in range(cfg.layers):
+            if i not in own:
+                layers.append(OnOtherStage())
+                continue
+            with seeds.part(2 + i):
+                layers.append(TransformerLayer(cfg, tp, self.layout))
+        self.layers = nn.ModuleList(layers)
+        self.norm = self.head = None
+        if last:
+            self.norm = _norm(cfg)
+            head_vocab = _pad(cfg.vocab_size, cfg.vocab_pad_multiple)
+            with seeds.part(2 + cfg.layers):
+                self.head = tp.column(d, head_vocab, bias=False)
+            lo, hi = tp.vocab_range(head_vocab)
+            # Padded head rows (ids >= V) must not take probability mass.
+            self.register_buffer("pad_logits", torch.arange(lo, hi) >= cfg.vocab_size,
+                                 persistent=False)
 
     def _check_fits(self, cfg: ModelConfig, tp: TensorParallel) -> None:
         for key, value in (("model.heads", cfg.heads), ("model.ffn_hidden", cfg.ffn_hidden),
@@ -148,24 +200,48 @@ class NBPTransformer(nn.Module):
                       cache=None) -> torch.Tensor:
         """input_ids [B, S] at positions [start, start + S) -> final-norm states [B, S, d].
         `cache`: a nbp_mega.generate.StaticKVCache (per-layer keys/values of earlier steps)."""
+        return self.norm(self._run_layers(self._embed(input_ids, start), start, cache))
+
+    def _embed(self, input_ids: torch.Tensor, start: int) -> torch.Tensor:
         x = self.tok_emb(input_ids)
         if self.pos_emb is not None:
             x = x + self.pos_emb(start, input_ids.shape[1])
-        x = self.drop(x)
-        for i, layer in enumerate(self.layers):
+        return self.drop(x)
+
+    def _run_layers(self, x: torch.Tensor, start: int, cache=None) -> torch.Tensor:
+        """This stage's layers (all of them without pipeline parallelism)."""
+        for i in range(self.stage.first_layer, self.stage.stop_layer):
+            layer = self.layers[i]
             if self.cfg.activation_checkpointing and self.training:
                 x = checkpoint(layer, x, self.rope, start, use_reentrant=False)
             else:
                 x = layer(x, self.rope, start, None if cache is None else cache.layer(i))
-        return self.norm(x)
+        return x
+
+    def stage_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """One pipeline stage's training forward: input_ids [B, S] (stage 0) or the previous
+        stage's states [B, S, d] -> the next stage's input, or on the last stage the final
+        states of the targets [B, Nt, d] (the prefix predicts nothing), which
+        `loss(states, targets)` turns into the per-target loss."""
+        if self.stage.is_first:
+            x = self._embed(x, 0)
+        x = self._run_layers(x, 0)
+        if not self.stage.is_last:
+            return x
+        P = self.layout.prefix_len
+        return self.norm(x[:, P : P + self.layout.num_targets])
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """[..., d] -> this rank's fp32 logit shard [..., Vp/tp], padded ids at -inf."""
         logits = self.head(h).float()
         return logits.masked_fill(self.pad_logits, float("-inf"))
 
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """input_ids [B, S], targets [B, Nt] -> per-target loss [B, Nt] (nats)."""
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None):
+        """input_ids [B, S], targets [B, Nt] -> per-target loss [B, Nt] (nats).
+
+        Without targets (DeepSpeed's pipeline engine feeding one stage): `stage_forward`."""
+        if targets is None:
+            return self.stage_forward(input_ids)
         h = self.hidden_states(input_ids)
         P = self.layout.prefix_len
         return self.loss(h[:, P : P + targets.shape[1]], targets)  # the prefix predicts nothing
@@ -189,3 +265,19 @@ class NBPTransformer(nn.Module):
 
     def _loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return TensorParallel.cross_entropy(self.logits(h), targets)
+
+
+class _PartSeeds:
+    """Each part of the model initialised from its own seed, all derived from one number
+    drawn from the global RNG (so `torch.manual_seed(s)` before the build still decides the
+    weights). The global RNG is left as the draw left it, whatever was built."""
+
+    def __init__(self):
+        self.base = int(torch.randint(0, 2**40, ()))
+
+    @contextlib.contextmanager
+    def part(self, index: int):
+        devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.base * 1_000_003 + index)
+            yield

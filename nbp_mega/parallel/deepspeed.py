@@ -49,10 +49,10 @@ class _Mpu:
         return self.dims.dp_group
 
     def get_pipeline_model_parallel_world_size(self):
-        return 1
+        return self.dims.pp
 
     def get_pipeline_model_parallel_rank(self):
-        return 0
+        return self.dims.pp_rank
 
 
 def batch_arithmetic(global_batch: int, micro_batch: int, dp: int) -> tuple[int, int]:
@@ -276,12 +276,18 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, 
     ds_config = deepspeed_config(cfg, dims)
     if load_universal:
         ds_config = deep_merge(ds_config, {"checkpoint": {"load_universal": True}})
+    mpu = _Mpu(dims)
+    if dims.pp > 1:  # DeepSpeed's pipeline engine; its grid is the mpu
+        from nbp_mega.parallel.pipeline import pipeline_module
+
+        model, mpu = pipeline_module(model, dims), None
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
-        mpu=_Mpu(dims), dist_init_required=False)
-    log.info("DeepSpeed engine: ZeRO stage %d, micro batch %d x %d accumulation x dp %d",
-             cfg.parallel.zero_stage, ds_config["train_micro_batch_size_per_gpu"],
-             ds_config["gradient_accumulation_steps"], dims.dp)
+        mpu=mpu, dist_init_required=False)
+    log.info("DeepSpeed engine: ZeRO stage %d, micro batch %d x %d accumulation x dp %d"
+             "%s", cfg.parallel.zero_stage, ds_config["train_micro_batch_size_per_gpu"],
+             ds_config["gradient_accumulation_steps"], dims.dp,
+             f" x {dims.pp} pipeline stages" if dims.pp > 1 else "")
     return engine
 
 

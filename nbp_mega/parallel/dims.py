@@ -1,4 +1,4 @@
-"""Process groups: who is who in a (data x tensor)-parallel job.
+"""Process groups: who is who in a (pipeline x data x tensor)-parallel job.
 
 `init_parallel(cfg)` joins the job (torchrun, the DeepSpeed launcher and SLURM all hand us
 RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; a plain `python` run becomes a
@@ -6,8 +6,9 @@ job of one), builds megatron-core's tensor- and data-parallel groups, and return
 `ParallelDims`: the one object through which the rest of the code sees the groups. Only
 nbp_mega/parallel/ imports megatron.core.parallel_state and deepspeed.
 
-Rank layout (megatron's default "tp-cp-ep-dp-pp"): consecutive ranks form a tensor-parallel
-group, so TP traffic stays inside a node.
+Rank layout (megatron's default "tp-cp-ep-dp-pp", which is also DeepSpeed's
+PipeModelDataParallelTopology): consecutive ranks form a tensor-parallel group, so TP traffic
+stays inside a node; then data-parallel replicas; pipeline stages vary slowest.
 """
 
 from __future__ import annotations
@@ -32,8 +33,15 @@ log = logging.getLogger("nbp_mega.parallel")
 class ParallelConfig:
     tensor: int = option(1, "tensor-parallel size (megatron-core TP layers); divides heads",
                          min=1)
-    pipeline: int = option(1, "pipeline-parallel size (not implemented yet; needs ZeRO <= 1)",
-                           min=1)
+    pipeline: int = option(1, "pipeline-parallel stages (DeepSpeed's pipeline engine, 1F1B; "
+                           "needs ZeRO <= 1)", min=1)
+    pipeline_balance: str = option("parameters", "how layers are split into pipeline stages: "
+                                   "parameters (equal memory; the embedding and the head count "
+                                   "on the first and last stage) or compute (equal matmul "
+                                   "work: the head counts, the embedding does not)",
+                                   choices=["parameters", "compute"])
+    pipeline_layers: list[int] = option([], "transformer layers of each pipeline stage, "
+                                        "e.g. [5,6,6,5] (overrides pipeline_balance)")
     zero_stage: int = option(3, "DeepSpeed ZeRO stage, sharding over the data-parallel group",
                              choices=[0, 1, 2, 3])
     offload_optimizer: bool = option(False, "ZeRO: optimizer states and step on the CPU")
@@ -51,9 +59,13 @@ class ParallelConfig:
                 f"parallel.pipeline={self.pipeline} with parallel.zero_stage={self.zero_stage}: "
                 "DeepSpeed's pipeline engine supports only ZeRO stage 0 or 1; "
                 "set parallel.zero_stage<=1 or parallel.pipeline=1")
-        if self.pipeline > 1:
-            raise ConfigError(f"parallel.pipeline={self.pipeline}: pipeline parallelism is not "
-                              "implemented yet; use parallel.pipeline=1")
+        if self.pipeline_layers and len(self.pipeline_layers) != self.pipeline:
+            raise ConfigError(f"parallel.pipeline_layers={self.pipeline_layers} has "
+                              f"{len(self.pipeline_layers)} stages, parallel.pipeline="
+                              f"{self.pipeline}: give one layer count per stage")
+        if any(n < 1 for n in self.pipeline_layers):
+            raise ConfigError(f"parallel.pipeline_layers={self.pipeline_layers}: every stage "
+                              "needs at least one transformer layer")
         if self.offload_params and self.zero_stage != 3:
             raise ConfigError("parallel.offload_params=true needs parallel.zero_stage=3, "
                               f"got {self.zero_stage}")
@@ -74,6 +86,9 @@ class ParallelDims:
     dp_group: object
     device: torch.device
     backend: str = "gloo"  # torch.distributed backend of the job
+    pp: int = 1  # pipeline stages
+    pp_rank: int = 0  # this rank's stage
+    pp_group: object = None  # the ranks of this rank's pipeline (one per stage)
 
     @property
     def is_main(self) -> bool:
@@ -101,9 +116,9 @@ def init_parallel(cfg: ParallelConfig) -> ParallelDims:
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
-    if world_size % cfg.tensor:
-        raise ConfigError(f"parallel.tensor={cfg.tensor} must divide the number of processes "
-                          f"({world_size})")
+    if world_size % (cfg.tensor * cfg.pipeline):
+        raise ConfigError(f"parallel.tensor={cfg.tensor} x parallel.pipeline={cfg.pipeline} "
+                          f"must divide the number of processes ({world_size})")
     backend = choose_backend(cfg.backend)
     device = torch.device("cpu")
     if backend == "nccl":
@@ -174,16 +189,22 @@ def _build_groups(cfg: ParallelConfig, device: torch.device, local_rank: int,
 
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size=cfg.tensor,
+                                     pipeline_model_parallel_size=cfg.pipeline,
                                      create_gloo_process_groups=False)
-    elif ps.get_tensor_model_parallel_world_size() != cfg.tensor:
+    elif (ps.get_tensor_model_parallel_world_size(),
+          ps.get_pipeline_model_parallel_world_size()) != (cfg.tensor, cfg.pipeline):
         raise RuntimeError("megatron parallel state already initialised with tensor="
-                           f"{ps.get_tensor_model_parallel_world_size()}, asked for {cfg.tensor}")
+                           f"{ps.get_tensor_model_parallel_world_size()}, pipeline="
+                           f"{ps.get_pipeline_model_parallel_world_size()}; asked for "
+                           f"{cfg.tensor}, {cfg.pipeline}")
     return ParallelDims(
         world_size=dist.get_world_size(), rank=dist.get_rank(), local_rank=local_rank,
         tp=ps.get_tensor_model_parallel_world_size(), dp=ps.get_data_parallel_world_size(),
         tp_rank=ps.get_tensor_model_parallel_rank(), dp_rank=ps.get_data_parallel_rank(),
         tp_group=ps.get_tensor_model_parallel_group(), dp_group=ps.get_data_parallel_group(),
-        device=device, backend=backend)
+        device=device, backend=backend, pp=ps.get_pipeline_model_parallel_world_size(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        pp_group=ps.get_pipeline_model_parallel_group())
 
 
 def shutdown_parallel() -> None:
