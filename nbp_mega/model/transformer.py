@@ -273,7 +273,7 @@ class _PartSeeds:
     weights). The global RNG is left as the draw left it, whatever was built."""
 
     def __init__(self):
-        self.base = int(torch.randint(0, 2**40, ()))
+        self.base = int(torch.randint(0, 2**40, (), device="cpu"))  # not meta, not zero.Init
 
     @contextlib.contextmanager
     def part(self, index: int):
