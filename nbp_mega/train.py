@@ -50,8 +50,8 @@ def setup_logging(rank: int) -> None:
 def check_resume_compatible(state: dict, cfg, dims) -> bool:
     """Refuse, with the reason, to resume a checkpoint this job cannot load.
 
-    Returns whether the checkpoint was written on another data-parallel or tensor-parallel
-    size (it then loads through DeepSpeed's universal format, resharded).
+    Returns whether the checkpoint was written on another data-parallel, tensor-parallel or
+    pipeline size (it then loads through DeepSpeed's universal format, resharded).
     """
     from nbp_mega.config import to_dict
     from nbp_mega.config_fields import ConfigError
@@ -59,13 +59,15 @@ def check_resume_compatible(state: dict, cfg, dims) -> bool:
     from nbp_mega.parallel.deepspeed import needs_universal_checkpoint
 
     layout = state.get("layout", {})
-    if layout and layout["tp"] != dims.tp and not needs_universal_checkpoint(cfg):
-        raise ConfigError(
-            f"the checkpoint in {cfg.run_dir} was written with parallel.tensor={layout['tp']}, "
-            f"this job has {dims.tp}: changing tensor parallelism on resume goes through "
-            "DeepSpeed's universal checkpoint, which reads ZeRO 1-3 (or bf16) optimizer "
-            f"shards, not fp32 ZeRO-0's whole states; restart with parallel.tensor="
-            f"{layout['tp']} (any data-parallel size works)")
+    saved_pp = layout.get("pp", 1)
+    for key, then, now in (("tensor", layout.get("tp"), dims.tp), ("pipeline", saved_pp, dims.pp)):
+        if layout and then != now and not needs_universal_checkpoint(cfg):
+            raise ConfigError(
+                f"the checkpoint in {cfg.run_dir} was written with parallel.{key}={then}, this "
+                f"job has {now}: changing tensor or pipeline parallelism on resume goes "
+                "through DeepSpeed's universal checkpoint, which reads ZeRO 1-3 (or bf16) "
+                f"optimizer shards, not fp32 ZeRO-0's whole states; restart with parallel."
+                f"{key}={then} (any data-parallel size works)")
     for key, now in (("zero_stage", cfg.parallel.zero_stage), ("precision", cfg.train.precision)):
         if key in layout and layout[key] != now:
             raise ConfigError(f"the checkpoint in {cfg.run_dir} was written with {key}="
@@ -82,7 +84,7 @@ def check_resume_compatible(state: dict, cfg, dims) -> bool:
                             for k in diff)
         raise ConfigError(f"run_dir {cfg.run_dir} holds a checkpoint of a different model "
                           f"({details}); use a new run_dir or the same model settings")
-    return bool(layout) and (layout["dp"], layout["tp"]) != (dims.dp, dims.tp)
+    return bool(layout) and (layout["dp"], layout["tp"], saved_pp) != (dims.dp, dims.tp, dims.pp)
 
 
 def init_weights(model, cfg, dims) -> None:
@@ -187,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.train.init_from and not resume:
         init_weights(model, cfg, dims)
     model = model.to(dims.device)
-    checkpointer.client_state = declare_tp_layout(model)  # resumable at another TP size
+    checkpointer.client_state = declare_tp_layout(model, dims)  # resumable on another layout
     shape = ModelShape(cfg.model)  # the whole model's, whichever part this rank holds
     torch.manual_seed(cfg.seed + 1 + dims.dp_rank)  # dropout differs across data-parallel ranks
     optimizer = build_optimizer(model, cfg.optim, cpu_offload=cfg.parallel.offload_optimizer)

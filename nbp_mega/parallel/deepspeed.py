@@ -117,6 +117,40 @@ def convert_to_universal(checkpoint_dir: str, out_dir: str) -> None:
     a rank that holds NCCL/gloo threads and a CUDA context, and its memory is returned when it
     ends. Its progress bars go to this rank's stderr.
     """
+    import shutil
+    import tempfile
+
+    source = tempfile.mkdtemp(prefix=".universal-source-", dir=os.path.dirname(out_dir))
+    try:
+        _run_converter(_without_module_weights(checkpoint_dir, source), out_dir)
+    finally:
+        shutil.rmtree(source, ignore_errors=True)
+    _wrap_bare_universal_tensors(out_dir)
+    _drop_stage_prefixes(out_dir)
+
+
+def _without_module_weights(checkpoint_dir: str, view: str) -> str:
+    """`view` as checkpoint_dir (links to its files), but the model-states files of ZeRO 0-2
+    without their module weights, returned.
+
+    Those modules hold megatron's `_extra_state: None` entries, on which ds_to_universal
+    fails (it saves every module value as a tensor); it needs the module only for weights
+    without optimizer fragments, and ours all have them (the fp32 masters are read from the
+    optimizer files, as for pipeline checkpoints, whose modules are None). The checkpoint
+    itself is never modified.
+    """
+    for name in os.listdir(checkpoint_dir):
+        src = os.path.join(checkpoint_dir, name)
+        if re.fullmatch(r"mp_rank_\d+_model_states\.pt", name):
+            state = torch.load(src, map_location="cpu", mmap=True, weights_only=False)
+            state["module"] = None
+            torch.save(state, os.path.join(view, name))
+        elif name != os.path.basename(view) and not name.startswith("universal"):
+            os.symlink(src, os.path.join(view, name))
+    return view
+
+
+def _run_converter(checkpoint_dir: str, out_dir: str) -> None:
     import subprocess
     import sys
 
@@ -136,7 +170,37 @@ def convert_to_universal(checkpoint_dir: str, out_dir: str) -> None:
     if code:
         raise RuntimeError(f"DeepSpeed's universal conversion of {checkpoint_dir} failed with "
                            f"exit code {code} (its output is above in rank 0's log)")
-    _wrap_bare_universal_tensors(out_dir)
+
+
+_STAGE_PREFIX = re.compile(r"^(\d+)\.(.+)$")
+
+
+def _drop_stage_prefixes(out_dir: str) -> None:
+    """A pipeline checkpoint names each parameter "<stage>.<model-wide name>" (DeepSpeed's
+    PipelineModule holds the stage's model as its child "<stage>"); the universal copy keeps
+    model-wide names only, so it loads on any number of stages (`_alias_stage_names`)."""
+    zero = os.path.join(out_dir, "zero")
+    for name in os.listdir(zero):
+        found = _STAGE_PREFIX.match(name)
+        if found and os.path.isdir(os.path.join(zero, name)):
+            os.rename(os.path.join(zero, name), os.path.join(zero, found.group(2)))
+
+
+def _alias_stage_names(engine, universal_dir: str) -> None:
+    """Before a pipeline engine loads a universal checkpoint: the names it looks for
+    ("<stage>.<name>") as links to the model-wide ones. Each rank links its own parameters
+    (ranks of one stage race harmlessly: same link, same target)."""
+    zero = os.path.join(universal_dir, "zero")
+    for name, _ in engine.module.named_parameters():
+        found = _STAGE_PREFIX.match(name)
+        if not found:
+            continue
+        link = os.path.join(zero, name)
+        if not os.path.isdir(os.path.join(zero, found.group(2))):
+            raise RuntimeError(f"the universal checkpoint {universal_dir} has no parameter "
+                               f"{found.group(2)} (this pipeline stage holds it)")
+        with contextlib.suppress(FileExistsError):
+            os.symlink(found.group(2), link)
 
 
 def _wrap_bare_universal_tensors(out_dir: str) -> None:
@@ -182,7 +246,7 @@ def partitioned_build(cfg, dims: ParallelDims):
                                remote_device="cpu" if cfg.parallel.offload_params else None)
 
 
-def declare_tp_layout(model: nn.Module) -> dict:
+def declare_tp_layout(model: nn.Module, dims: ParallelDims | None = None) -> dict:
     """How our tensors split over tensor parallelism, in DeepSpeed's universal-checkpoint terms.
 
     Returns the client state that goes into every checkpoint (DeepSpeed's ds_to_universal
@@ -196,16 +260,21 @@ def declare_tp_layout(model: nn.Module) -> dict:
     Also marks each parameter with the restore metadata (DS_AUTOTP_UC_META: partition_dim and
     full shape, or replicated) by which DeepSpeed's universal loaders cut this rank's TP shard
     out of a full tensor, so a universal checkpoint loads at any tensor-parallel size.
+
+    Under pipeline parallelism (`dims.pp > 1`) each stage holds part of the model: the
+    patterns of all stages are gathered, so every checkpoint file declares the whole model;
+    each pattern also matches the name with DeepSpeed's "<stage>." prefix.
     """
     from deepspeed.checkpoint import constants as c
 
+    from nbp_mega.parallel.collectives import all_gather_objects
     from nbp_mega.parallel.tp_shards import TPPlan
 
     plan = TPPlan.of(model)
     replicated, rows = [], []
     for name, p in model.named_parameters():
         dim = plan.dims[name]
-        pattern = f"^{re.escape(name)}$"
+        pattern = rf"^(?:\d+\.)?{re.escape(name)}$"
         if dim is None:
             replicated.append(pattern)
         elif dim == 1:
@@ -214,6 +283,10 @@ def declare_tp_layout(model: nn.Module) -> dict:
                 {"partition_dim": dim, "logical_shape": list(plan.shapes[name])})
         setattr(p, c.DS_AUTOTP_UC_META, {**meta, c.UNIVERSAL_CHECKPOINT_VERSION_KEY:
                                          c.UNIVERSAL_CHECKPOINT_VERSION_VALUE})
+    if dims is not None and dims.pp > 1:
+        stages = all_gather_objects((replicated, rows), dims.pp_group)
+        replicated = [p for r, _ in stages for p in r]
+        rows = [p for _, w in stages for p in w]
     return {c.UNIVERSAL_CHECKPOINT_INFO: {
         c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
         c.TP_REPLICATED_PARAMETER_PATTERNS: replicated,
@@ -228,7 +301,16 @@ def load_universal_checkpoint(engine, path: str) -> str | None:
     group's own; and it gives all groups one shared Adam `step` tensor, which torch's Adam
     increments in place once per group per step (wrong bias correction): give each its own.
     """
-    with _deepspeed_sees_tp_group(engine.mpu.get_tensor_model_parallel_group()):
+    _alias_stage_names(engine, path)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()  # every stage's links are there
+    mpu = engine.mpu  # ours, or the pipeline engine's grid (its TP group: the "slice" group)
+    tp_group = (mpu.get_tensor_model_parallel_group()
+                if hasattr(mpu, "get_tensor_model_parallel_group")
+                else mpu.get_slice_parallel_group())
+    with _deepspeed_sees_tp_group(tp_group):
         load_path, _ = engine.load_checkpoint(os.path.dirname(path), tag=os.path.basename(path),
                                               load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
@@ -239,7 +321,8 @@ def load_universal_checkpoint(engine, path: str) -> str | None:
     for state in inner.state.values():
         if torch.is_tensor(state.get("step")):
             state["step"] = state["step"].clone()
-    saved = torch.load(state_file, weights_only=False)["optimizer_state_dict"]["param_groups"]
+    saved = torch.load(state_file, weights_only=False)
+    saved = saved.get("optimizer_state_dict", saved)["param_groups"]  # ZeRO-3 wraps it
     groups = inner.param_groups
     if len(saved) != len(groups):
         raise RuntimeError(f"{state_file} has {len(saved)} optimizer parameter groups, the "
