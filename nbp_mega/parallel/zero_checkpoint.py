@@ -18,6 +18,11 @@ What DeepSpeed (0.19) writes in a checkpoint folder, for each TP rank t (`mp_ran
                 vector: the group's parameters back to back (+ `param_alignment_paddings`)
   ZeRO-0    mp_rank_{t}_model_states.pt   the module whole: the weights, when fp32;
                 (bf16: fp32 master weights in bf16_zero_pp_rank_{d}_... as in ZeRO-1)
+With pipeline parallelism (pp stages, ZeRO 0-1) every (stage s, TP rank t) pair is one
+"model-parallel" rank m = s * tp + t in the file names above, its model-states file has no
+module and names parameters "<s>.<model-wide name>", and the weights are in
+layer_{s:02d}-model_{t:02d}-model_states.pt (model-wide names). A TP rank's view is the union
+of its stages'.
 The bf16_ prefix marks bf16 runs. `param_shapes` are the TP rank's own shard shapes: nothing in
 the files says how a shard relates to the full tensor, so a TPPlan (from the model's layers)
 merges them.
@@ -53,26 +58,35 @@ class CheckpointLayout:
     dp: int
     zero_stage: int
     bf16: bool
+    pp: int = 1
 
-    def model_files(self, t: int) -> list[str]:
+    def model_files(self, t: int, s: int = 0) -> list[str]:
+        m = s * self.tp + t  # DeepSpeed's model-parallel rank of stage s, TP rank t
         if self.zero_stage == 3:
-            return [f"zero_pp_rank_{d}_mp_rank_{t:02d}_model_states.pt" for d in range(self.dp)]
-        return [f"mp_rank_{t:02d}_model_states.pt"]
+            return [f"zero_pp_rank_{d}_mp_rank_{m:02d}_model_states.pt" for d in range(self.dp)]
+        return [f"mp_rank_{m:02d}_model_states.pt"]
 
-    def optim_files(self, t: int) -> list[str]:
+    def layer_file(self, t: int, s: int) -> str | None:
+        """The file of stage s's weights for TP rank t (None without pipelining)."""
+        return f"layer_{s:02d}-model_{t:02d}-model_states.pt" if self.pp > 1 else None
+
+    def optim_files(self, t: int, s: int = 0) -> list[str]:
         """Files holding the fp32 master weights of TP rank t, by DP rank ([]: the module's)."""
         if self.zero_stage == 0:  # in the model-states file (bf16: `optimizer.fp32_groups`)
             return []
-        prefix = "bf16_" if self.bf16 else ""
-        return [f"{prefix}zero_pp_rank_{d}_mp_rank_{t:02d}_optim_states.pt"
+        prefix, m = "bf16_" if self.bf16 else "", s * self.tp + t
+        return [f"{prefix}zero_pp_rank_{d}_mp_rank_{m:02d}_optim_states.pt"
                 for d in range(self.dp)]
 
     def files(self) -> list[str]:
-        return [f for t in range(self.tp) for f in self.model_files(t) + self.optim_files(t)]
+        return [f for t in range(self.tp) for s in range(self.pp)
+                for f in [*self.model_files(t, s), *self.optim_files(t, s),
+                          *filter(None, [self.layer_file(t, s)])]]
 
     def describe(self) -> str:
         precision = "bf16" if self.bf16 else "fp32"
-        return f"ZeRO-{self.zero_stage} {precision}, tp={self.tp} x dp={self.dp}"
+        stages = f" x pp={self.pp}" if self.pp > 1 else ""
+        return f"ZeRO-{self.zero_stage} {precision}, tp={self.tp} x dp={self.dp}{stages}"
 
 
 def read_layout(path: str) -> CheckpointLayout:
@@ -87,7 +101,8 @@ def read_layout(path: str) -> CheckpointLayout:
         if layout:
             return CheckpointLayout(tp=int(layout["tp"]), dp=int(layout["dp"]),
                                     zero_stage=int(layout["zero_stage"]),
-                                    bf16=layout["precision"] == "bf16")
+                                    bf16=layout["precision"] == "bf16",
+                                    pp=int(layout.get("pp", 1)))
     found = sorted(glob.glob(os.path.join(path, "*model_states.pt")))
     if not found:
         raise CheckpointError(f"{path} has no trainer_state.json and no *_model_states.pt: "
@@ -97,9 +112,10 @@ def read_layout(path: str) -> CheckpointLayout:
 
 def _layout_of(meta: dict) -> CheckpointLayout:
     ds = meta.get("ds_config", {})
-    return CheckpointLayout(tp=int(meta["mp_world_size"]), dp=int(meta["dp_world_size"]),
+    pp = int((meta.get("checkpoint_parallel_dimensions") or {}).get("pp_degree", 1))
+    return CheckpointLayout(tp=int(meta["mp_world_size"]) // pp, dp=int(meta["dp_world_size"]),
                             zero_stage=int(ds.get("zero_optimization", {}).get("stage", 0)),
-                            bf16=bool(ds.get("bf16", {}).get("enabled", False)))
+                            bf16=bool(ds.get("bf16", {}).get("enabled", False)), pp=pp)
 
 
 def _load(file: str) -> dict:
@@ -135,7 +151,8 @@ class TrainingCheckpoint:
         if not 0 <= t < self.layout.tp:
             raise ValueError(f"TP rank {t} outside the checkpoint's tp={self.layout.tp}")
         if t not in self._ranks:
-            self._ranks[t] = _RankReader(self.path, self.layout, t)
+            stages = [_RankReader(self.path, self.layout, t, s) for s in range(self.layout.pp)]
+            self._ranks[t] = stages[0] if len(stages) == 1 else _StagesReader(stages)
         return self._ranks[t]
 
     def rank_state_dict(self, t: int) -> dict[str, object]:
@@ -186,10 +203,12 @@ class TrainingCheckpoint:
 class _RankReader:
     """One TP rank's files: each fp32 tensor gathered over the dp ranks when asked for."""
 
-    def __init__(self, path: str, layout: CheckpointLayout, t: int):
-        model_files = [os.path.join(path, f) for f in layout.model_files(t)]
+    def __init__(self, path: str, layout: CheckpointLayout, t: int, s: int = 0):
+        model_files = [os.path.join(path, f) for f in layout.model_files(t, s)]
         model_file, meta = model_files[0], _load(model_files[0])
         self._check_meta(meta, model_file, layout)
+        if layout.pp > 1:
+            meta = _stage_meta(meta, os.path.join(path, layout.layer_file(t, s)), s)
         for other in model_files[1:]:  # ZeRO-3: small (metadata); all must read and agree
             if _load(other).get("param_shapes") != meta["param_shapes"]:
                 raise CheckpointError(f"{other} lists other parameters than {model_file}: "
@@ -202,7 +221,7 @@ class _RankReader:
              if torch.is_tensor(v) and k not in self._buffers}]
         self.shapes = {n: tuple(s) for group in groups for n, s in group.items()}
         self.optim = [self._optim_state(os.path.join(path, f), layout)
-                      for f in layout.optim_files(t)]
+                      for f in layout.optim_files(t, s)]
         self.extras = {k: v for k, v in self.module.items() if not torch.is_tensor(v)}
         self._aliases = dict(meta.get("shared_params") or {})  # tied: alias -> source
         self.names = [*self.shapes, *self._aliases, *self._buffers]
@@ -217,11 +236,14 @@ class _RankReader:
 
     @staticmethod
     def _check_meta(meta: dict, file: str, layout: CheckpointLayout) -> None:
-        if "param_shapes" not in meta or not isinstance(meta.get("module"), dict):
+        module = meta.get("module")  # None in a pipeline checkpoint: the layer files hold it
+        if "param_shapes" not in meta or not (isinstance(module, dict) or
+                                               (module is None and layout.pp > 1)):
             raise CheckpointError(f"{file} is not a DeepSpeed model-states file (no "
                                   "param_shapes / module)")
         found = _layout_of(meta)
-        if (found.tp, found.dp, found.zero_stage) != (layout.tp, layout.dp, layout.zero_stage):
+        if (found.tp, found.dp, found.zero_stage, found.pp) != (layout.tp, layout.dp,
+                                                                 layout.zero_stage, layout.pp):
             raise CheckpointError(f"{file} was written at {found.describe()}, but the "
                                   f"checkpoint's layout is {layout.describe()}: files of "
                                   "different runs mixed in one folder?")
@@ -288,6 +310,44 @@ class _RankReader:
         part = math.ceil(numel / len(self._segments))  # ZeRO-3: a part per dp rank
         parts = [_span(segments, offset, part) for segments in self._segments]
         return torch.cat(parts)[:numel].view(shape)
+
+
+class _StagesReader:
+    """A TP rank of a pipeline checkpoint: its stages' readers as one (disjoint names)."""
+
+    def __init__(self, stages: list[_RankReader]):
+        self._owner = {}
+        for reader in stages:
+            for name in reader.names:
+                self._owner.setdefault(name, reader)  # shared buffers: the first stage's
+        self.names = list(self._owner)
+        self.extras = {k: v for reader in stages for k, v in reader.extras.items()}
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._owner[name].tensor(name)
+
+
+def _stage_meta(meta: dict, layer_file: str, s: int) -> dict:
+    """Stage s's model-states metadata with model-wide names and its weights (the layer
+    file) as the module, as a checkpoint without pipelining has them."""
+    if not os.path.exists(layer_file):
+        raise CheckpointError(f"{layer_file} is missing: the weights of pipeline stage {s}")
+    prefix = f"{s}."
+
+    def strip(name: str) -> str:
+        if not name.startswith(prefix):
+            raise CheckpointError(f"{layer_file}: parameter {name!r} of stage {s} lacks the "
+                                  f"stage's {prefix!r} prefix")
+        return name[len(prefix):]
+
+    meta = dict(meta)
+    meta["module"] = _load(layer_file)
+    meta["param_shapes"] = [{strip(n): v for n, v in group.items()}
+                            for group in meta["param_shapes"] or []] or None
+    meta["buffer_names"] = [strip(n) for n in meta.get("buffer_names") or []]
+    meta["shared_params"] = {strip(k): strip(v)
+                             for k, v in (meta.get("shared_params") or {}).items()}
+    return meta
 
 
 def _name_fp32_masters(module: dict, shapes: dict, meta: dict, file: str) -> dict:
