@@ -25,6 +25,8 @@ already owns our ZeRO optimizer and checkpoints.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 
 import torch
@@ -77,17 +79,18 @@ def stage_layers(model: ModelConfig, parallel: ParallelConfig) -> list[int]:
         return ((stop - first) * layer + (embed if stage == 0 else 0)
                 + (head if stage == pp - 1 else 0))
 
-    # best[s][n]: (heaviest stage, counts) placing the first n layers on stages 0..s
+    # best[s][n]: (heaviest stage, sum of squared stage loads, counts) placing the first n
+    # layers on stages 0..s; ties on the heaviest go to the more even split
     L = model.layers
-    best = [{n: (load(0, 0, n), [n]) for n in range(1, L - pp + 2)}]
+    best = [{n: (load(0, 0, n), load(0, 0, n) ** 2, [n]) for n in range(1, L - pp + 2)}]
     for s in range(1, pp):
         row = {}
         for n in range(s + 1, L - pp + s + 2):
-            row[n] = min(((max(worst, load(s, k, n)), counts + [n - k])
-                          for k, (worst, counts) in best[-1].items() if k < n),
-                         key=lambda c: (c[0], c[1][::-1]))
+            row[n] = min((max(worst, load(s, k, n)), squares + load(s, k, n) ** 2,
+                          counts + [n - k])
+                         for k, (worst, squares, counts) in best[-1].items() if k < n)
         best.append(row)
-    return best[-1][L][1]
+    return best[-1][L][2]
 
 
 def stage_of(model: ModelConfig, parallel: ParallelConfig, index: int) -> Stage:
@@ -178,9 +181,12 @@ def pipeline_module(model: nn.Module, dims: ParallelDims):
     deepspeed.init_distributed(dist_backend=dims.backend, auto_mpi_discovery=False)
     stage = model.stage
     layers = [model if s == stage.index else _OtherStage(s) for s in range(stage.count)]
-    module = PipelineModule(layers, topology=topology(dims), partition_method="uniform",
-                            loss_fn=StageLoss(model) if stage.is_last else None,
-                            activation_checkpoint_interval=0)  # the model checkpoints itself
+    printed = io.StringIO()  # rank 0 prints the partition and seeds: to our log instead
+    with contextlib.redirect_stdout(printed):
+        module = PipelineModule(layers, topology=topology(dims), partition_method="uniform",
+                                loss_fn=StageLoss(model) if stage.is_last else None,
+                                activation_checkpoint_interval=0)  # the model checkpoints
+    log.debug("DeepSpeed's PipelineModule: %s", printed.getvalue().strip())
     grid = module._grid
     if (grid.get_stage_id(), grid.get_data_parallel_rank()) != (dims.pp_rank, dims.dp_rank):
         raise RuntimeError(f"rank {dims.rank}: DeepSpeed's pipeline grid puts it at stage "
