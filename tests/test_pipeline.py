@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -152,11 +153,16 @@ def test_kill_9_under_pp2_resumes_exactly(shards, reference, pp2_full, tmp_path)
     assert [e["val_loss"] for e in val[0]] == [e["val_loss"] for e in val[1]]
 
 
-def test_resume_on_another_number_of_stages(shards, reference, tmp_path):  # noqa: F811
-    """PP=2 stopped after step 4, resumed at PP=1 and stopped after step 8, resumed at PP=2
-    again (each change through DeepSpeed's universal checkpoint, with model-wide names; the
-    Adam moments come along): the whole run is the reference's."""
+def test_resume_on_another_number_of_stages(shards, reference, pp2_full, tmp_path):  # noqa: F811
+    """The PP=2 run's checkpoint of step 8 (its later ones removed, as if it had been killed
+    then) resumed at PP=1 and stopped after step 12, then resumed at PP=2 again: each change
+    goes through DeepSpeed's universal checkpoint, with model-wide names, the Adam moments
+    along. The whole run is still the reference's."""
     out = tmp_path / "run"
+    shutil.copytree(pp2_full, out)
+    for later in (12, 16):
+        shutil.rmtree(out / "checkpoints" / f"step_{later:08d}")
+    (out / "checkpoints" / "latest").write_text("step_00000008")
 
     def launch(pp, *extra):
         extra = ("train.keep_last=5", *extra)  # the changed-at checkpoints stay to be seen
@@ -166,13 +172,12 @@ def test_resume_on_another_number_of_stages(shards, reference, tmp_path):  # noq
         return run([*LAUNCH, *pipeline_overrides(shards, out, "parallel.pipeline=2", *extra)],
                    cwd=tmp_path, NPROC_PER_NODE="2")
 
-    launch(2, "train.stop_at=4")
-    for pp, stopped, stop in ((1, 4, "train.stop_at=8"), (2, 8, "train.stop_at=0")):
-        lines = metrics_lines(out)
+    for pp, resumed_at, stop in ((1, 8, "train.stop_at=12"), (2, 12, "train.stop_at=0")):
+        lines = [line for line in metrics_lines(out) if json.loads(line)["step"] <= resumed_at]
         proc = launch(pp, stop)
-        assert_resumed(lines, metrics_lines(out), proc, out, stopped)
-        assert (out / "checkpoints" / f"step_{stopped:08d}" / "universal").is_dir()
-        state = json.loads((out / "checkpoints" / f"step_{stopped + 4:08d}" /
+        assert_resumed(lines, metrics_lines(out), proc, out, resumed_at)
+        assert (out / "checkpoints" / f"step_{resumed_at:08d}" / "universal").is_dir()
+        state = json.loads((out / "checkpoints" / f"step_{resumed_at + 4:08d}" /
                             "trainer_state.json").read_text())
         assert state["layout"]["pp"] == pp
     assert_same_run(reference, out)

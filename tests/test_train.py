@@ -42,6 +42,22 @@ def tp1_runs(shards, tmp_path_factory):
     return full, stopped
 
 
+TP2 = ["parallel.tensor=2", "parallel.zero_stage=3", "model.loss_chunk=24",
+       "log.profile_start=2", "log.profile_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def tp2_runs(shards, tmp_path_factory):
+    """(full, stopped) as tp1_runs, at tensor parallelism 2 (dp 1) with the loss in chunks
+    of 24 positions (recomputed in backward) and steps 2-3 profiled."""
+    tmp = tmp_path_factory.mktemp("tp2_runs")
+    full, stopped = tmp / "full", tmp / "stopped"
+    run([*LAUNCH, *overrides(shards, full, *TP2)], cwd=tmp, NPROC_PER_NODE="2")
+    run([*LAUNCH, *overrides(shards, stopped, *TP2, "train.stop_at=3")], cwd=tmp,
+        NPROC_PER_NODE="2")
+    return full, stopped
+
+
 def resumable_copy(stopped, run_dir):
     shutil.copytree(stopped, run_dir)
     return run_dir
@@ -91,7 +107,7 @@ def assert_resumed(before: list[str], after: list[str], proc, run_dir, step: int
     assert f"resumed from {checkpoint} (step {step})" in proc.stderr
 
 
-def test_zero3_on_two_ranks_matches_zero0_in_one_process(shards, tp1_runs, tmp_path):
+def test_zero3_on_two_ranks_matches_zero0_in_one_process(shards, tp1_runs, tp2_runs, tmp_path):
     """Same global batch of 8 everywhere: ZeRO-3 over 2 ranks (micro batch 4), ZeRO-0 in one
     process with 2 accumulation steps, ZeRO-3 with the optimizer offloaded to the CPU, bf16,
     and tensor parallelism 2 with ZeRO-3 (torchrun through `bash launch.sh`; the DeepSpeed
@@ -99,8 +115,8 @@ def test_zero3_on_two_ranks_matches_zero0_in_one_process(shards, tp1_runs, tmp_p
     and TP=2 runs compute the loss in chunks of positions (model.loss_chunk, recomputed in
     backward; the others in one piece).
     """
-    runs = {name: tmp_path / name for name in ("z0", "offload", "bf16", "tp2")}
-    runs["z3"] = tp1_runs[0]
+    runs = {name: tmp_path / name for name in ("z0", "offload", "bf16")}
+    runs["z3"], runs["tp2"] = tp1_runs[0], tp2_runs[0]
     single = {"z0": ["parallel.zero_stage=0", "train.micro_batch=4"],
               "offload": ["parallel.zero_stage=3", "parallel.offload_optimizer=true",
                           "model.loss_chunk=40"],
@@ -108,10 +124,6 @@ def test_zero3_on_two_ranks_matches_zero0_in_one_process(shards, tp1_runs, tmp_p
     for name, extra in single.items():
         run([sys.executable, "-m", "nbp_mega.train", f"{ROOT}/configs/tiny.yaml",
              *overrides(shards, runs[name], *extra)], cwd=tmp_path)
-    run(["bash", f"{ROOT}/launch.sh", f"{ROOT}/configs/tiny.yaml",
-         *overrides(shards, runs["tp2"], "parallel.tensor=2", "parallel.zero_stage=3",
-                    "model.loss_chunk=24", "log.profile_start=2", "log.profile_steps=2")],
-        cwd=tmp_path, NPROC_PER_NODE="2")
     records = {name: train_records(path) for name, path in runs.items()}
     a = records["z3"]
     assert [r["step"] for r in a] == list(range(1, 7))
@@ -139,48 +151,19 @@ def test_zero3_on_two_ranks_matches_zero0_in_one_process(shards, tp1_runs, tmp_p
     assert [e["step"] for e in evals] == [3, 6]
 
 
-def test_resume_continues_exactly(shards, tmp_path):
-    """Stop after step 3, restart the job: steps 4-6 equal the uninterrupted run's."""
-    common = ["model.dropout=0.1", "parallel.zero_stage=3"]
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    launch = ["bash", f"{ROOT}/launch.sh", f"{ROOT}/configs/tiny.yaml"]
-    run([*launch, *overrides(shards, full, *common)], cwd=tmp_path, NPROC_PER_NODE="2")
-    run([*launch, *overrides(shards, resumed, *common, "train.stop_at=3")], cwd=tmp_path,
-        NPROC_PER_NODE="2")
-    assert [r["step"] for r in train_records(resumed)] == [1, 2, 3]
-    before = metrics_lines(resumed)
-    proc = run([*launch, *overrides(shards, resumed, *common)], cwd=tmp_path,
-               NPROC_PER_NODE="2")
-    assert_resumed(before, metrics_lines(resumed), proc, resumed, 3)
-    a, b = train_records(full), train_records(resumed)
-    assert [r["step"] for r in b] == list(range(1, 7))
-    for ra, rb in zip(a, b, strict=True):
-        for key in ("loss", "lr", "grad_norm", "batch_digest"):
-            assert ra[key] == rb[key], (ra["step"], key)
-    state = json.loads((resumed / "checkpoints" / "step_00000006" /
-                        "trainer_state.json").read_text())
-    assert state["step"] == 6 and state["consumed_samples"] == 48
-
-
 @pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
-def test_resume_on_another_tensor_parallel_size(shards, tp1_runs, tmp_path, before, after):
+def test_resume_on_another_tensor_parallel_size(shards, tp1_runs, tp2_runs, tmp_path, before,
+                                                after):
     """ZeRO-3 on 2 ranks at TP=`before` stopped after step 3, resumed on 2 ranks at
     TP=`after` (dp 2/tp): the checkpoint goes through DeepSpeed's universal format with our
     TP layout declared (parallel.deepspeed.declare_tp_layout) and is cut into the new TP
     shards. Steps 4-6 see the uninterrupted run's batches and give its losses; the Adam
     moments and step counts came along (a restart with fresh optimizer state, or from
     scratch, would not give them)."""
-    launch = LAUNCH
-    if before == 1:
-        full, resumed = tp1_runs[0], resumable_copy(tp1_runs[1], tmp_path / "resumed")
-    else:
-        full, resumed = tmp_path / "full", tmp_path / "resumed"
-        run([*launch, *overrides(shards, full, f"parallel.tensor={before}")], cwd=tmp_path,
-            NPROC_PER_NODE="2")
-        run([*launch, *overrides(shards, resumed, f"parallel.tensor={before}",
-                                 "train.stop_at=3")], cwd=tmp_path, NPROC_PER_NODE="2")
+    full, stopped = tp1_runs if before == 1 else tp2_runs
+    resumed = resumable_copy(stopped, tmp_path / "resumed")
     lines = metrics_lines(resumed)
-    proc = run([*launch, *overrides(shards, resumed, f"parallel.tensor={after}")],
+    proc = run([*LAUNCH, *overrides(shards, resumed, f"parallel.tensor={after}")],
                cwd=tmp_path, NPROC_PER_NODE="2")
     assert_resumed(lines, metrics_lines(resumed), proc, resumed, 3)
     a, b = train_records(full), train_records(resumed)
@@ -198,8 +181,9 @@ def test_resume_on_another_tensor_parallel_size(shards, tp1_runs, tmp_path, befo
 def test_a_new_run_starts_from_given_weights(shards, tp1_runs, tmp_path):
     """train.init_from: a run stopped after 3 steps (ZeRO-3, TP=1 on 2 ranks), given as its
     state-dict file (tools/convert_to_hf.py --state-dict) to a new run at TP=2, and as its run
-    directory to one at TP=1. With lr 0 the new runs' model stays what they loaded, so their
-    validation loss is the one the source logged (a fresh initialisation gives another)."""
+    directory to one at TP=1 (ZeRO-3 partitioned over 2 ranks). With lr 0 the new runs' model
+    stays what they loaded, so their validation loss is the one the source logged after 3
+    steps (an untrained model's is far above it)."""
     source, launch = tp1_runs[1], LAUNCH  # read only
     logged = read_metrics(os.path.join(source, "metrics.jsonl"))[1][-1]["val_loss"]
     run([sys.executable, f"{ROOT}/tools/convert_to_hf.py", str(source), "--state-dict",
@@ -212,11 +196,8 @@ def test_a_new_run_starts_from_given_weights(shards, tp1_runs, tmp_path):
         assert f"initialised the weights from {weights}" in proc.stderr
         val = read_metrics(os.path.join(new, "metrics.jsonl"))[1][-1]["val_loss"]
         assert val == pytest.approx(logged, rel=1e-5), name
-    fresh = tmp_path / "fresh"
-    run([*launch, *overrides(shards, fresh, "optim.lr=0", "train.steps=1", "train.eval_every=0")],
-        cwd=tmp_path, NPROC_PER_NODE="2")
-    assert read_metrics(os.path.join(fresh, "metrics.jsonl"))[1][-1]["val_loss"] != \
-        pytest.approx(logged, rel=1e-3)
+    # not what an untrained model scores: the source's loss at step 1 is well above it
+    assert train_records(source)[0]["loss"] > logged * 1.02
 
 
 def test_resume_on_another_data_parallel_size(shards, tp1_runs, tmp_path):
