@@ -33,6 +33,7 @@ from nbp_mega.plan.memory import (
     layer_saved_per_token,
     logits_bytes,
     memory_phases,
+    pipeline_stage_jobs,
     resident_between_steps,
     training_memory,
 )
@@ -270,6 +271,45 @@ def test_step_time_parts():
     assert off.offload > 0 and across.offload == 0
 
 
+def test_pipeline_stages_split_memory_and_add_a_bubble():
+    """A pipeline's memory is its largest stage's: the stages' parameters add up to the
+    model, 4 stages hold about a quarter each, and stage 0 keeps 4 micro-batches'
+    activations in flight (1F1B) where the last keeps one; its step pays a bubble of
+    (pp - 1) / A of the slowest stage's compute, which more micro-batches shrink."""
+    job = job_of("nbp_3b.yaml")
+    stages = job.shape.stages(4)
+    assert sum(s.numel(1) for s in stages) == job.shape.total_params
+    assert [s.layers for s in stages] == [7, 9, 9, 7]  # the ends also hold embedding / head
+    assert max(s.numel(1) for s in stages) < 0.26 * job.shape.total_params
+    layout = Layout(tensor=2, data=2, pipeline=4, zero_stage=1, micro_batch=1,
+                    activation_checkpointing=False)
+    flat = Layout(tensor=2, data=8, zero_stage=1, micro_batch=1, activation_checkpointing=False)
+    piped, whole = training_memory(job, layout), training_memory(job, flat)
+    assert piped.parameters == pytest.approx(whole.parameters / 4, rel=0.05)
+    jobs = pipeline_stage_jobs(job, layout)
+    assert [j.shape.in_flight for j in jobs] == [4, 3, 2, 1]
+    one = replace(layout, pipeline=1)
+    acts = [training_memory(j, one).phases["forward_backward"] for j in jobs]
+    assert acts[0] > acts[-1]
+    cluster = Cluster(gpus=16, gpu_mem_gib=80)
+    t = step_time(job, layout, cluster)
+    A = layout.accumulation(job.global_batch)  # 64 clips / (1 x dp 2) = 32
+    assert t.pipeline_bubble == pytest.approx((t.compute + t.tensor_parallel) * 3 / A)
+    assert t.pipeline_p2p > 0 and step_time(job, flat, cluster).pipeline_bubble == 0
+    with pytest.raises(ValueError, match="pipeline engine trains with ZeRO 0 or 1"):
+        training_memory(job, replace(layout, zero_stage=3))
+
+
+def test_search_tries_pipelines_with_zero_0_or_1_and_enough_micro_batches():
+    job = job_of("nbp_3b.yaml", "train.global_batch=16")
+    plan = search(job, Cluster(gpus=32, gpu_mem_gib=80))
+    piped = [o.layout for o in plan.options if o.layout.pipeline > 1]
+    assert {lay.pipeline for lay in piped} == {2, 4, 8, 16}  # 32 stages: 16 micro-batches
+    assert all(lay.zero_stage <= 1 for lay in piped)
+    assert all(lay.accumulation(16) >= lay.pipeline for lay in piped)
+    assert "tensor=1 pipeline=32" in plan.skipped  # 16 clips / dp 1: too few micro-batches
+
+
 # -- the search and the CLI ---------------------------------------------------------------------
 def run_cli(capsys, *args) -> tuple[int, str, str]:
     code = plan_main(list(args))
@@ -289,7 +329,8 @@ def test_cli_json_recommends_the_fastest_that_fits_with_margin(capsys):
     assert best["step_seconds"]["total"] == min(o["step_seconds"]["total"] for o in safe)
     for o in layouts:
         lay = o["layout"]
-        assert lay["tensor"] * lay["data"] * lay["pipeline"] == 16 and lay["pipeline"] == 1
+        assert lay["tensor"] * lay["data"] * lay["pipeline"] == 16
+        assert lay["pipeline"] == 1 or lay["zero_stage"] <= 1  # the pipeline engine: ZeRO 0-1
         assert lay["tensor"] <= 8 and 32 % lay["tensor"] == 0 and 64 % lay["data"] == 0
         assert o["memory_bytes"]["total"] == max(o["phases_bytes"].values())
     assert plan["tried"] > len(layouts)  # some did not fit 40 GiB
@@ -319,9 +360,13 @@ def test_bad_input_says_what_is_wrong(capsys):
     code, _, err = run_cli(capsys, f"{CONFIGS}/nbp_1.2b.yaml", "--gpus", "12", "--gpu-mem",
                            "80")
     assert code == 1 and "--gpus 12 is not a multiple of --node-gpus 8" in err
-    code, _, err = run_cli(capsys, f"{CONFIGS}/nbp_1.2b.yaml", "--gpus", "48", "--gpu-mem",
-                           "80")  # 64 clips: dp 48 and 24 do not divide, tp 3 and 6 do not split
-    assert code == 1 and "no parallel layout of 48 GPUs" in err and "global_batch=64" in err
+    code, out, _ = run_cli(capsys, f"{CONFIGS}/nbp_1.2b.yaml", "--gpus", "48", "--gpu-mem",
+                           "80", "--json")  # 64 clips: dp 48, 24 and 6 do not divide ...
+    assert code == 0 and json.loads(out)["recommended"]["layout"]["pipeline"] % 3 == 0  # ...
+    code, _, err = run_cli(capsys, f"{CONFIGS}/nbp_1.2b.yaml", "train.global_batch=1",
+                           "--gpus", "16", "--gpu-mem", "80")  # one clip: no dp, no pipeline
+    assert code == 1 and "no parallel layout of 16 GPUs" in err and "global_batch=1" in err
+    assert "fewer than 2 micro-batches" in err
     code, _, err = run_cli(capsys, f"{CONFIGS}/nbp_1.2b.yaml", "model.nope=1", "--gpus", "8",
                            "--gpu-mem", "80")
     assert code == 1 and "nope" in err

@@ -18,6 +18,13 @@ data      ZeRO's collectives over the data-parallel group, inside a node when t 
           ZeRO-3 gathers the parameters for the forward and the backward (and the recompute)
           and reduce-scatters the gradients, every micro step.
 offload   gradients to the host and parameters back over PCIe, and the host's Adam.
+pipeline  (pp > 1, DeepSpeed's 1F1B) the slowest stage's compute and TP traffic (its share of
+          the layers, plus the head's matmuls on the last stage) over A micro-batches, plus
+          the bubble: (pp - 1) more micro-batch slots of it, while the pipeline fills and
+          drains; each stage boundary sends one [m, S, d] activation forward and its gradient
+          back per micro-batch (1/t of it per TP rank: DeepSpeed partitions it over the TP
+          group), across nodes once a stage (t x dp GPUs) fills a node; the data-parallel
+          traffic is the largest stage's parameters.
 """
 
 from __future__ import annotations
@@ -33,14 +40,18 @@ class StepTime:
     tensor_parallel: float
     data_parallel: float
     offload: float
+    pipeline_bubble: float = 0.0  # stages idle while the pipeline fills and drains
+    pipeline_p2p: float = 0.0  # activations and their gradients between stages
 
     @property
     def total(self) -> float:
-        return self.compute + self.tensor_parallel + self.data_parallel + self.offload
+        return (self.compute + self.tensor_parallel + self.data_parallel + self.offload
+                + self.pipeline_bubble + self.pipeline_p2p)
 
     def as_dict(self) -> dict:
         return {"compute": self.compute, "tensor_parallel": self.tensor_parallel,
                 "data_parallel": self.data_parallel, "offload": self.offload,
+                "pipeline_bubble": self.pipeline_bubble, "pipeline_p2p": self.pipeline_p2p,
                 "total": self.total}
 
 
@@ -57,18 +68,20 @@ def step_flops(job: Job, layout: Layout) -> float:
 
 def data_parallel_bandwidth(layout: Layout, cluster: Cluster) -> float:
     """GB/s of the data-parallel ring: consecutive ranks form TP groups, so a DP group
-    (stride t) stays in a node while t x dp GPUs fit in one."""
-    inside = layout.tensor * layout.data * layout.pipeline <= cluster.node_gpus
+    (stride t, inside one pipeline stage) stays in a node while t x dp GPUs fit in one."""
+    inside = layout.tensor * layout.data <= cluster.node_gpus
     return cluster.intra_bw if inside else cluster.inter_bw
 
 
-def _tensor_seconds(job: Job, layout: Layout, cluster: Cluster) -> float:
+def _tensor_seconds(job: Job, layout: Layout, cluster: Cluster, layers: int | None = None
+                    ) -> float:
+    """megatron's TP all-reduces of one step over `layers` layers (default: all)."""
     t = layout.tensor
     if t == 1:
         return 0.0
     shape = job.shape
     per_layer = 4 + (2 if layout.activation_checkpointing else 0)
-    calls = shape.layers * per_layer + 1
+    calls = (shape.layers if layers is None else layers) * per_layer + 1
     size = layout.micro_batch * shape.seq_len * shape.hidden * job.bytes
     micro_steps = layout.accumulation(job.global_batch)
     return micro_steps * calls * 2 * (t - 1) / t * size / (cluster.intra_bw * 1e9)
@@ -89,16 +102,38 @@ def _data_bytes(job: Job, layout: Layout, params: int) -> float:
     return (gathers + 1) * share * micro_steps
 
 
+def _stage_work_share(job: Job, layout: Layout) -> tuple[float, int]:
+    """(the slowest stage's share of the step's matmul work, its layers): layers weigh
+    their parameters, the last stage's head its rows x d (the embedding is a lookup)."""
+    stages = job.shape.stages(layout.pipeline)
+    work = [s.non_embedding_params + (s.head_rows * s.hidden if s.has_head else 0)
+            for s in stages]
+    slowest = max(range(len(stages)), key=work.__getitem__)
+    return work[slowest] / sum(work), stages[slowest].layers
+
+
 def step_time(job: Job, layout: Layout, cluster: Cluster) -> StepTime:
-    if layout.pipeline != 1:
-        raise ValueError(f"pipeline={layout.pipeline}: the time model covers pipeline=1 only")
-    params = job.shape.numel(layout.tensor)
-    compute = step_flops(job, layout) / layout.gpus / (
-        cluster.peak_tflops * 1e12 * cluster.efficiency)
+    pp = layout.pipeline
+    stages = job.shape.stages(pp)
+    params = max(s.numel(layout.tensor) for s in stages)  # the largest stage's, per TP rank
+    rate = cluster.peak_tflops * 1e12 * cluster.efficiency
+    compute = step_flops(job, layout) / layout.gpus / rate
+    tensor = _tensor_seconds(job, layout, cluster)
+    bubble = p2p = 0.0
+    if pp > 1:
+        share, layers = _stage_work_share(job, layout)
+        micro_steps = layout.accumulation(job.global_batch)
+        compute = step_flops(job, layout) / (layout.tensor * layout.data) * share / rate
+        tensor = _tensor_seconds(job, layout, cluster, layers)
+        bubble = (compute + tensor) * (pp - 1) / micro_steps
+        size = layout.micro_batch * job.shape.seq_len * job.shape.hidden * job.bytes
+        crosses = layout.tensor * layout.data >= cluster.node_gpus
+        bw = cluster.inter_bw if crosses else cluster.intra_bw
+        p2p = micro_steps * 2 * size / layout.tensor / (bw * 1e9)
     data = _data_bytes(job, layout, params) / (data_parallel_bandwidth(layout, cluster) * 1e9)
     offload = 0.0
     if layout.offload_optimizer and layout.zero_stage:
         share = params / layout.data
         offload = share * (4 + job.bytes) / (cluster.pcie_bw * 1e9) + share / cluster.cpu_adam_rate
-    return StepTime(compute=compute, tensor_parallel=_tensor_seconds(job, layout, cluster),
-                    data_parallel=data, offload=offload)
+    return StepTime(compute=compute, tensor_parallel=tensor, data_parallel=data,
+                    offload=offload, pipeline_bubble=bubble, pipeline_p2p=p2p)

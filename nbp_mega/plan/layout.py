@@ -1,8 +1,8 @@
 """What a plan is about: the job (a config's model, precision and DeepSpeed settings), one
 layout of it on a cluster (the choices the planner searches over), and the cluster.
 
-Layout.pipeline is part of every layout (always 1 until pipeline parallelism lands): the
-memory and time functions take it, and the search enumerates it (search.pipeline_sizes).
+Layout.pipeline is part of every layout: the memory and time functions take it (a pipeline's
+memory is its largest stage's), and the search enumerates it (search.pipeline_sizes).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ class Layout:
 
     tensor: int  # tensor-parallel size (inside a node)
     data: int  # data-parallel size (ZeRO shards over it)
-    pipeline: int = 1  # pipeline stages (1: pipeline parallelism is not implemented yet)
+    pipeline: int = 1  # pipeline stages (DeepSpeed's pipeline engine; ZeRO 0-1)
     zero_stage: int = 3  # DeepSpeed ZeRO stage 0-3
     offload_optimizer: bool = False  # master weights and Adam moments on the host
     micro_batch: int = 1  # clips per forward on one GPU

@@ -28,6 +28,8 @@ but partly written buffer (the gradient bucket) counts only what was written on
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass, field, fields
@@ -156,8 +158,11 @@ def _activation_parts(job: Job, layout: Layout, device: str) -> tuple[float, flo
     tokens = layout.micro_batch * s.seq_len
     per_layer = layer_saved_per_token(job, tp, device)
     kept = b * s.hidden if layout.activation_checkpointing else per_layer  # layer inputs
-    ends = 8 + (s.hidden * dropout_mask_bytes(job, device) if job.dropout else 0)  # ids, mask
-    ends += (3 if s.gated else 2) * b * s.hidden + 8  # the final norm's input and output
+    ends = 0
+    if s.has_embedding:  # ids, the embedding dropout's mask
+        ends += 8 + (s.hidden * dropout_mask_bytes(job, device) if job.dropout else 0)
+    if s.has_head:  # the final norm's input and output
+        ends += (3 if s.gated else 2) * b * s.hidden + 8
     working = b * (2 * s.hidden + s.ffn / tp)  # gradients flowing through one layer
     if layout.activation_checkpointing:
         working += per_layer  # the layer being recomputed
@@ -178,16 +183,19 @@ def backward_peak(job: Job, layout: Layout, grad_bytes: int, grad_cap: int,
     already done are freed: {"activations", "gradients", "loss_logits"} at that moment."""
     s, tp = job.shape, layout.tensor
     kept, ends, working = _activation_parts(job, layout, device)
-    head = s.modules[-1][1][0].local_numel(tp)
+    head = s.modules[-1][1][0].local_numel(tp) if s.has_head else 0
     per_layer = sum(p.local_numel(tp) for name, params in s.modules
-                    if name.startswith("layers.0.") for p in params)
-    logits = logits_bytes(job, layout)
+                    if name.startswith(f"layers.{getattr(s, 'first_layer', 0)}.")
+                    for p in params)
+    logits = logits_bytes(job, layout) if s.has_head else 0
+    # a pipeline stage holds the activations of other micro-batches in flight meanwhile
+    others = (getattr(s, "in_flight", 1) - 1) * (s.layers * kept + ends)
     # at the loss: every activation, the logits of a chunk, the head's gradient appearing
-    moments = [(s.layers * kept + ends + working, min(head, grad_cap), logits)]
+    moments = [(others + s.layers * kept + ends + working, min(head, grad_cap), logits)]
     for done in range(1, s.layers + 1):  # after `done` layers of the backward
         grads = min(head + done * per_layer, grad_cap)
-        moments.append(((s.layers - done) * kept + (working if done < s.layers else 0),
-                        grads, 0))
+        moments.append((others + (s.layers - done) * kept
+                        + (working if done < s.layers else 0), grads, 0))
     act, grads, logits = max(moments, key=lambda m: m[0] + grad_bytes * m[1] + m[2])
     return {"activations": int(act), "gradients": int(grad_bytes * grads),
             "loss_logits": logits}
@@ -412,12 +420,47 @@ def kv_cache_bytes(job: Job, layout: Layout, clips: int = 1) -> int:
     return 2 * s.layers * clips * s.seq_len * s.hidden // layout.tensor * job.bytes
 
 
+def pipeline_stage_jobs(job: Job, layout: Layout) -> list[Job]:
+    """The job of each pipeline stage: its parameters, and the micro-batches whose
+    activations it holds at once under 1F1B (stage s: pipeline - s, at most the
+    accumulation steps)."""
+    accumulation = layout.accumulation(job.global_batch)
+    out = []
+    for stage in job.shape.stages(layout.pipeline):
+        stage = copy.copy(stage)  # the cached stage, with this layout's in-flight count
+        stage.in_flight = min(layout.pipeline - stage.index, accumulation)
+        out.append(dataclasses.replace(job, shape=stage))
+    return out
+
+
+def _pipeline_buffers(job: Job, layout: Layout) -> int:
+    """DeepSpeed's pipeline buffers of one stage: the received input and the output of each
+    micro-batch in flight ([m, S, d] each; stage 0 receives ids, the last sends nothing)."""
+    s = job.shape
+    one = layout.micro_batch * s.seq_len * s.hidden * job.bytes
+    return s.in_flight * one * ((not s.has_embedding) + (not s.has_head))
+
+
 def memory_phases(job: Job, layout: Layout, *, device: str = "cuda", step: int = 2,
                   forward_only: bool = False) -> dict[str, dict]:
-    """Every phase's parts: {phase: {component: bytes, "temporary": {name: bytes}}}."""
-    if layout.pipeline != 1:
-        raise ValueError(f"pipeline={layout.pipeline}: the memory model covers pipeline=1 "
-                         "only (pipeline parallelism is not implemented yet)")
+    """Every phase's parts: {phase: {component: bytes, "temporary": {name: bytes}}}.
+
+    With pipeline > 1: those of the stage that needs the most (DeepSpeed's pipeline engine:
+    ZeRO 0 or 1, parameters partitioned over dp within the stage), its pipeline buffers
+    counted in the forward/backward."""
+    if layout.pipeline > 1:
+        if layout.zero_stage > 1 or forward_only:
+            raise ValueError(f"pipeline={layout.pipeline} with ZeRO-{layout.zero_stage}"
+                             f"{' forward-only' if forward_only else ''}: DeepSpeed's "
+                             "pipeline engine trains with ZeRO 0 or 1")
+        one = dataclasses.replace(layout, pipeline=1)
+        options = []
+        for stage_job in pipeline_stage_jobs(job, layout):
+            phases = memory_phases(stage_job, one, device=device, step=step)
+            temp = phases["forward_backward"]["temporary"]
+            temp["pipeline_buffers"] = _pipeline_buffers(stage_job, layout)
+            options.append(phases)
+        return max(options, key=lambda p: max(phase_total(v) for v in p.values()))
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device={device!r}: expected 'cuda' or 'cpu'")
     s = _sizes(job, layout)
@@ -442,6 +485,9 @@ def training_memory(job: Job, layout: Layout, *, device: str = "cuda", step: int
     peak = max(totals, key=totals.get)
     host = 0
     if layout.offload_optimizer and layout.zero_stage and not forward_only:
-        host = (4 + ADAM_BYTES + (4 if layout.zero_stage == 3 else 0)) * _sizes(job, layout).Pd
+        jobs = pipeline_stage_jobs(job, layout) if layout.pipeline > 1 else [job]
+        one = dataclasses.replace(layout, pipeline=1)
+        host = (4 + ADAM_BYTES + (4 if layout.zero_stage == 3 else 0)) * max(
+            _sizes(j, one).Pd for j in jobs)
     return Memory(**phases[peak], peak_phase=peak, phases=totals,
                   kv_cache=kv_cache_bytes(job, layout), host=host)

@@ -57,8 +57,11 @@ def format_table(plan: Plan, top: int = 15) -> str:
                   f"temporary: {temp or 'none'}",
                   f"  step {r.time.total:.3f} s = compute {r.time.compute:.3f} + tensor "
                   f"{r.time.tensor_parallel:.3f} + data {r.time.data_parallel:.3f} + offload "
-                  f"{r.time.offload:.3f}" + (f"; host memory {r.memory.host / GiB:.1f} GiB "
-                                             "per GPU" if r.memory.host else "")]
+                  f"{r.time.offload:.3f}"
+                  + (f" + pipeline bubble {r.time.pipeline_bubble:.3f} + p2p "
+                     f"{r.time.pipeline_p2p:.3f}" if r.layout.pipeline > 1 else "")
+                  + (f"; host memory {r.memory.host / GiB:.1f} GiB per GPU"
+                     if r.memory.host else "")]
         if not r.within_margin:
             lines.append(f"  (no layout fits with the {c.margin:.0%} margin; this one fits "
                          "without it)")

@@ -47,9 +47,9 @@ class Plan:
 
 
 def pipeline_sizes(job: Job, cluster: Cluster) -> list[int]:
-    """Pipeline stages to try: 1 until pipeline parallelism is implemented (a later issue
-    adds the divisors of the layers here, and the memory/time models take them)."""
-    return [1]
+    """Pipeline stages to try: the divisors of the GPU count up to the layer count (each
+    stage needs a layer)."""
+    return _divisors(cluster.gpus, job.shape.layers)
 
 
 def _divisors(n: int, limit: int) -> list[int]:
@@ -68,20 +68,31 @@ def layouts(job: Job, cluster: Cluster, skipped: dict[str, str]) -> list[Layout]
             skipped[f"tensor={tp}"] = "; ".join(errors)
             continue
         for pp in pipeline_sizes(job, cluster):
-            dp = cluster.gpus // (tp * pp)
-            if job.global_batch % dp:
-                skipped[f"tensor={tp}"] = (f"data-parallel size {dp} does not divide "
-                                           f"train.global_batch={job.global_batch}")
+            if cluster.gpus % (tp * pp):
                 continue
-            out += _variants(tp, pp, dp, job.global_batch // dp)
+            dp = cluster.gpus // (tp * pp)
+            key = f"tensor={tp}" + (f" pipeline={pp}" if pp > 1 else "")
+            if job.global_batch % dp:
+                skipped[key] = (f"data-parallel size {dp} does not divide "
+                                f"train.global_batch={job.global_batch}")
+                continue
+            found = _variants(tp, pp, dp, job.global_batch // dp)
+            if not found:
+                skipped[key] = (f"{job.global_batch // dp} clips per data-parallel rank "
+                                f"make fewer than {pp} micro-batches")
+            out += found
     return out
 
 
 def _variants(tp: int, pp: int, dp: int, per_rank: int) -> list[Layout]:
+    """The layouts of one (tp, pp, dp): every ZeRO stage, offload, micro batch and
+    checkpointing; with a pipeline only ZeRO 0-1 and at least pp micro-batches per step."""
+    stages = (0, 1, 2, 3) if pp == 1 else (0, 1)
     return [Layout(tensor=tp, data=dp, pipeline=pp, zero_stage=stage, offload_optimizer=off,
                    micro_batch=micro, activation_checkpointing=ckpt)
-            for stage in (0, 1, 2, 3) for off in ((False, True) if stage else (False,))
-            for micro in _divisors(per_rank, MAX_MICRO_BATCH) for ckpt in (False, True)]
+            for stage in stages for off in ((False, True) if stage else (False,))
+            for micro in _divisors(per_rank, MAX_MICRO_BATCH) if per_rank // micro >= pp
+            for ckpt in (False, True)]
 
 
 def evaluate(job: Job, layout: Layout, cluster: Cluster) -> Option:

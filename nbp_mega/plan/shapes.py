@@ -11,6 +11,7 @@ and the module order against the order its forward pass calls them in.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from functools import cached_property
@@ -59,6 +60,8 @@ def _norm(name: str, d: int, family: str) -> list[Param]:
 
 class ModelShape:
     """Parameters and sizes of one (resolved) model config."""
+
+    has_embedding = has_head = True  # a StageShape may hold neither
 
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg = cfg.resolved()
@@ -126,3 +129,41 @@ class ModelShape:
                 for key, value in (("model.heads", self.heads), ("model.ffn_hidden", self.ffn),
                                    ("model.vocab_pad_multiple", self.cfg.vocab_pad_multiple))
                 if value % tp]
+
+    @functools.lru_cache(maxsize=32)  # noqa: B019 (shapes live as long as a plan)
+    def stages(self, pipeline: int) -> list[StageShape]:
+        """The pipeline stages nbp_mega trains with (nbp_mega.parallel.pipeline.stage_layers,
+        balanced by parameters); [self as one stage] for pipeline=1."""
+        if pipeline == 1:
+            return [StageShape(self, 0, 1, 0, self.layers)]
+        from nbp_mega.parallel.dims import ParallelConfig
+        from nbp_mega.parallel.pipeline import stage_layers
+
+        counts = stage_layers(self.cfg, ParallelConfig(pipeline=pipeline, zero_stage=1))
+        starts = [sum(counts[:i]) for i in range(pipeline)]
+        return [StageShape(self, i, pipeline, starts[i], starts[i] + n)
+                for i, n in enumerate(counts)]
+
+
+class StageShape(ModelShape):
+    """One pipeline stage of a model: layers [first_layer, stop_layer), the embedding on
+    stage 0, the final norm and head on the last. `in_flight`: micro-batches whose
+    activations it holds at once under DeepSpeed's 1F1B schedule (pipeline - index, at most
+    the accumulation steps; set by the memory model)."""
+
+    def __init__(self, whole: ModelShape, index: int, count: int, first_layer: int,
+                 stop_layer: int):
+        super().__init__(whole.cfg)
+        self.whole, self.index, self.count = whole, index, count
+        self.first_layer, self.stop_layer = first_layer, stop_layer
+        self.layers = stop_layer - first_layer
+        self.has_embedding, self.has_head = index == 0, index == count - 1
+
+    @cached_property
+    def modules(self) -> list[tuple[str, list[Param]]]:
+        own = {f"layers.{i}." for i in range(self.first_layer, self.stop_layer)}
+        return [(name, params) for name, params in self.whole.modules
+                if any(name.startswith(p) for p in own)
+                or (self.has_embedding and name in ("tok_emb", "pos_emb"))
+                or (self.has_head and name in ("norm", "head"))]
+
