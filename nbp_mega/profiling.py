@@ -2,14 +2,17 @@
 
 Steps are marked with `record_function` ranges (`nbp.data`, `nbp.optimizer`); every profiled
 operator's self time goes to the first category that claims it:
+    pipeline       point-to-point sends and receives between pipeline stages (DeepSpeed's
+                   pipeline engine): the transfers and the bubble, a stage waiting for its
+                   neighbour while the pipeline fills and drains
     communication  torch.distributed collectives (gloo/NCCL, DeepSpeed ZeRO gathers/reductions)
     optimizer      anything else inside `nbp.optimizer` (the AdamW update)
     data           anything else inside `nbp.data` (waiting for the loader)
     attention      block-causal attention kernels (fused op, SDPA, flex)
     matmul         mm / addmm / bmm / linear kernels
     other          the rest (element-wise ops, norms, softmax-CE, copies, framework overhead)
-Communication also gets the time the step's main thread spends outside any operator while a
-collective runs on a backend thread: gloo (and DeepSpeed's async gathers) execute there, and
+Communication (pipeline, for sends and receives) also gets the time the step's main thread
+spends outside any operator while a collective runs on a backend thread: gloo (and DeepSpeed's async gathers) execute there, and
 the main thread waits for them in `Work.wait()`, which the profiler records as no operator.
 `other` absorbs the rest of the step time no operator accounts for (Python between ops), so
 the categories add up to the profiled steps' wall time.
@@ -25,7 +28,8 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-CATEGORIES = ("attention", "matmul", "communication", "optimizer", "data", "other")
+CATEGORIES = ("attention", "matmul", "communication", "pipeline", "optimizer", "data", "other")
+_P2P = ("c10d::send", "c10d::recv", "gloo:send", "gloo:recv", "nccl:send", "nccl:recv")
 _COMM = ("gloo", "nccl", "c10d", "all_gather", "allgather", "reduce_scatter", "all_reduce",
          "allreduce", "broadcast", "record_param_comms")
 _ATTENTION = ("block_causal_attention", "scaled_dot_product", "flash_attention",
@@ -40,6 +44,8 @@ def _claims(name: str, needles) -> bool:
 
 def _category(event) -> str | None:
     """The category of one operator event, from its name and its enclosing ranges."""
+    if _claims(event.name, _P2P):
+        return "pipeline"
     if _claims(event.name, _COMM):
         return "communication"
     parent = event.cpu_parent
@@ -78,9 +84,10 @@ def _overlap(xs, ys) -> float:
     return total
 
 
-def comm_wait_seconds(events) -> float:
+def comm_wait_seconds(events, needles=_COMM) -> float:
     """Seconds the step's thread (the one with the most operator calls) is inside no operator
-    while a collective runs on another thread (see the module docstring)."""
+    while a collective (one whose name has one of `needles`) runs on another thread (see the
+    module docstring)."""
     calls: dict[int, int] = {}
     for e in events:
         calls[e.thread] = calls.get(e.thread, 0) + 1
@@ -90,7 +97,8 @@ def comm_wait_seconds(events) -> float:
     ops = _union((e.time_range.start, e.time_range.end) for e in events
                  if e.thread == main and not e.name.startswith("nbp."))
     comm = _union((e.time_range.start, e.time_range.end) for e in events
-                  if e.thread != main and _claims(e.name, _COMM))
+                  if e.thread != main and _claims(e.name, needles)
+                  and (needles is _P2P or not _claims(e.name, _P2P)))
     if not ops or not comm:
         return 0.0
     idle = [(a[1], b[0]) for a, b in zip(ops, ops[1:], strict=False)]  # gaps between its ops
@@ -108,6 +116,7 @@ def breakdown(prof, wall_seconds: float) -> dict:
         if category is not None:
             seconds[category] += event.self_cpu_time_total / 1e6
     seconds["communication"] += comm_wait_seconds(events)
+    seconds["pipeline"] += comm_wait_seconds(events, _P2P)
     seconds["other"] = max(wall_seconds - sum(seconds.values()), 0.0)
     total = sum(seconds.values()) or 1.0
     return {"seconds": seconds, "fraction": {k: v / total for k, v in seconds.items()},
@@ -141,7 +150,11 @@ class StepProfiler:
             torch.cuda.synchronize()
         wall = time.perf_counter() - self._began
         self._prof.__exit__(None, None, None)
-        self.result = {"steps": self.steps, **breakdown(self._prof, wall)}
+        from nbp_mega.metrics import peak_memory_gb
+
+        self.result = {"steps": self.steps, **breakdown(self._prof, wall),
+                       "peak_memory_gb": peak_memory_gb(torch.device(
+                           "cuda" if torch.cuda.is_available() else "cpu"))}
         os.makedirs(self.out_dir, exist_ok=True)
         with open(os.path.join(self.out_dir, f"profile_rank{self.rank}.json"), "w") as f:
             json.dump(self.result, f, indent=1)

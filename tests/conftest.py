@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 
 from nbp_mega.model.config import ModelConfig
+
+# DeepSpeed JIT-builds its CPU ops (the shared-memory collectives: ~45 s here; CPU Adam) on
+# first use, into TORCH_EXTENSIONS_DIR. One folder per venv for the whole session, inherited
+# by every job a test launches: built once, and never mixed with another venv's torch.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 
 def has_gpu() -> bool:
@@ -45,9 +53,6 @@ def tp2_run(tmp_path_factory):
     """A run dir trained 2 steps at parallel.tensor=2 x dp=2, ZeRO-3 on 4 gloo ranks (the
     layout DeepSpeed's zero_to_fp32 refuses), checkpoint at the end; the vocabulary padded
     (32 video ids -> 48 head rows) so that exports have rows to drop."""
-    import os
-    import sys
-
     from nbp_mega.data.synthetic import write_synthetic_shards
     from tests.test_train import ROOT, overrides, run
 
@@ -58,7 +63,5 @@ def tp2_run(tmp_path_factory):
     run(["bash", f"{ROOT}/launch.sh", f"{ROOT}/configs/tiny.yaml",
          *overrides(tmp / "data", run_dir, "parallel.tensor=2", "parallel.zero_stage=3",
                     "train.steps=2", "train.eval_every=0", "model.vocab_pad_multiple=24")],
-        cwd=tmp, NPROC_PER_NODE="4",
-        # DeepSpeed JIT-builds a CPU op per venv; a shared cache rebuilds it for every variant
-        TORCH_EXTENSIONS_DIR=os.path.join(sys.prefix, "torch_extensions"))
+        cwd=tmp, NPROC_PER_NODE="4")
     return run_dir

@@ -54,7 +54,13 @@ def test_resume_refuses_another_model_or_layout(dims):
     assert check_resume_compatible(state, load_config(TINY), dims) is True
     zero0 = {**state, "layout": {**state["layout"], "zero_stage": 0}}
     with pytest.raises(ConfigError, match="parallel.tensor=2, this job has 1: changing tensor "
-                       "parallelism on resume goes through DeepSpeed's universal checkpoint"):
+                       "or pipeline parallelism on resume goes through DeepSpeed's universal "
+                       "checkpoint"):
+        check_resume_compatible(zero0, load_config(TINY, ["parallel.zero_stage=0"]), dims)
+    state["layout"].update(tp=1, pp=2)  # another number of pipeline stages: universal too
+    assert check_resume_compatible(state, load_config(TINY), dims) is True
+    zero0 = {**state, "layout": {**state["layout"], "zero_stage": 0}}
+    with pytest.raises(ConfigError, match="parallel.pipeline=2, this job has 1"):
         check_resume_compatible(zero0, load_config(TINY, ["parallel.zero_stage=0"]), dims)
 
 

@@ -93,7 +93,7 @@ def test_tp2_zero3_export_is_nbp_megas_model_in_transformers(exported, tp2_run, 
                                                              tmp_path):
     out, summary = exported
     model, cfg = load_trained_model(str(tp2_run), dims=dims)  # TP=1, the trained weights
-    assert summary["layout"] == {"tp": 2, "dp": 2, "zero_stage": 3, "bf16": False}
+    assert summary["layout"] == {"tp": 2, "dp": 2, "zero_stage": 3, "bf16": False, "pp": 1}
     config = json.loads((out / "hf" / "config.json").read_text())
     assert config["video_tokenizer"] == "video_tokenizer/tok32.pt"
     assert filecmp.cmp(out / "hf" / config["video_tokenizer"], out / "tok32.pt", shallow=False)
