@@ -12,7 +12,8 @@ operator's self time goes to the first category that claims it:
     matmul         mm / addmm / bmm / linear kernels
     other          the rest (element-wise ops, norms, softmax-CE, copies, framework overhead)
 Communication (pipeline, for sends and receives) also gets the time the step's main thread
-spends outside any operator while a collective runs on a backend thread: gloo (and DeepSpeed's async gathers) execute there, and
+spends outside any operator while a collective runs on a backend thread (or, for gloo's
+sends and receives, while their async range on the main thread itself is open): gloo (and DeepSpeed's async gathers) execute there, and
 the main thread waits for them in `Work.wait()`, which the profiler records as no operator.
 `other` absorbs the rest of the step time no operator accounts for (Python between ops), so
 the categories add up to the profiled steps' wall time.
@@ -95,9 +96,12 @@ def comm_wait_seconds(events, needles=_COMM) -> float:
         return 0.0
     main = max(calls, key=calls.get)
     ops = _union((e.time_range.start, e.time_range.end) for e in events
-                 if e.thread == main and not e.name.startswith("nbp."))
+                 if e.thread == main and not e.name.startswith("nbp.") and not e.is_async)
+    # gloo's point-to-point waits are async ranges on the calling thread itself (the
+    # blocking receive of a pipeline stage: no operator runs meanwhile)
     comm = _union((e.time_range.start, e.time_range.end) for e in events
-                  if e.thread != main and _claims(e.name, needles)
+                  if (e.thread != main or (needles is _P2P and e.is_async))
+                  and _claims(e.name, needles)
                   and (needles is _P2P or not _claims(e.name, _P2P)))
     if not ops or not comm:
         return 0.0
