@@ -13,8 +13,9 @@ operator's self time goes to the first category that claims it:
     other          the rest (element-wise ops, norms, softmax-CE, copies, framework overhead)
 Communication (pipeline, for sends and receives) also gets the time the step's main thread
 spends outside any operator while a collective runs on a backend thread (or, for gloo's
-sends and receives, while their async range on the main thread itself is open): gloo (and DeepSpeed's async gathers) execute there, and
-the main thread waits for them in `Work.wait()`, which the profiler records as no operator.
+sends and receives, while their async range on the main thread itself is open): gloo (and
+DeepSpeed's async gathers) execute there, and the main thread waits for them in
+`Work.wait()`, which the profiler records as no operator.
 `other` absorbs the rest of the step time no operator accounts for (Python between ops), so
 the categories add up to the profiled steps' wall time.
 """

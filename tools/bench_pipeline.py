@@ -2,7 +2,8 @@
 PP=1 for the same job, side by side.
 
     python tools/bench_pipeline.py --json [--config configs/bench_100m.yaml] [--set k=v ...]
-                                   [--steps N] [--rounds R] [--warmup W] [--profile P]
+                                   [--pp2-set k=v ...] [--steps N] [--rounds R] [--warmup W]
+                                   [--profile P]
 
 Two setups of the config, each the real trainer through `bash launch.sh` on 2 ranks (gloo,
 one thread per rank), ZeRO-1, the same global batch and micro batch:
@@ -73,6 +74,7 @@ def bench(args, work_dir: str, watch: LoadWatch) -> list[dict]:
     runs = []
     try:
         for (setup, extra), plan in zip(SETUPS, plans, strict=True):
+            extra = extra + (args.pp2_set if setup == "pp2" else [])
             run_dir = os.path.join(work_dir, setup)
             overrides = [*common, *extra, *bench_overrides(data_dir, run_dir, plan["total"],
                                                            plan["profile_start"], args.profile)]
@@ -94,6 +96,7 @@ def bench(args, work_dir: str, watch: LoadWatch) -> list[dict]:
                         "parameters": info["parameters"], "pipeline": pp,
                         "micro_batch": micro, "micro_batches_per_step": accumulation,
                         "schedule_bubble": (pp - 1) / (accumulation + pp - 1),
+                        "overrides": [*common, *(args.pp2_set if pp == 2 else [])],
                         "tokens_per_step": tokens, **record,
                         "ranks": rank_profiles(run.run_dir, 2)})
     pp1, pp2 = records
@@ -109,6 +112,9 @@ def parse_args(argv):
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "bench_100m.yaml"))
     p.add_argument("--set", nargs="+", default=DEFAULT_SET, metavar="KEY=VALUE",
                    help=f"overrides for both setups (default: {' '.join(DEFAULT_SET)})")
+    p.add_argument("--pp2-set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="overrides for the pipeline setup only (e.g. parallel.pipeline_layers="
+                        "[3,1])")
     p.add_argument("--steps", type=int, default=12, help="timed steps per setup")
     p.add_argument("--rounds", type=int, default=4, help="turns of each setup (ABBA order)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
