@@ -91,6 +91,7 @@ def test_tp2_x_pp2_on_four_ranks_gives_the_losses_of_one_stage(shards, reference
         profile = json.loads((out / "profile" / f"profile_rank{rank}.json").read_text())
         assert sum(profile["fraction"].values()) == pytest.approx(1)
         assert profile["seconds"]["pipeline"] > 0 and profile["seconds"]["matmul"] > 0
+        assert profile["seconds"]["optimizer"] > 0  # DeepSpeed's step inside train_batch
     step = out / "checkpoints" / f"step_{STEPS:08d}"
     assert {f"layer_{s:02d}-model_{t:02d}-model_states.pt" for s in (0, 1) for t in (0, 1)} \
         <= set(os.listdir(step))

@@ -361,12 +361,14 @@ def build_engine(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, 
         ds_config = deep_merge(ds_config, {"checkpoint": {"load_universal": True}})
     mpu = _Mpu(dims)
     if dims.pp > 1:  # DeepSpeed's pipeline engine; its grid is the mpu
-        from nbp_mega.parallel.pipeline import pipeline_module
+        from nbp_mega.parallel.pipeline import mark_optimizer_steps, pipeline_module
 
         model, mpu = pipeline_module(model, dims), None
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
         mpu=mpu, dist_init_required=False)
+    if dims.pp > 1:
+        mark_optimizer_steps(engine)
     log.info("DeepSpeed engine: ZeRO stage %d, micro batch %d x %d accumulation x dp %d"
              "%s", cfg.parallel.zero_stage, ds_config["train_micro_batch_size_per_gpu"],
              ds_config["gradient_accumulation_steps"], dims.dp,

@@ -194,3 +194,21 @@ def pipeline_module(model: nn.Module, dims: ParallelDims):
                            f"{grid.get_data_parallel_rank()}; megatron's groups at "
                            f"{dims.pp_rank}, {dims.dp_rank}")
     return module
+
+
+def mark_optimizer_steps(engine) -> None:
+    """Run the optimizer step of a pipeline engine inside an `nbp.optimizer` range, as the
+    trainer runs `engine.step()` without pipelining: DeepSpeed steps inside `train_batch`,
+    so the profiler's breakdown (nbp_mega.profiling) would otherwise count the update as
+    matmul and other time. Wraps the step of this engine's optimizer only."""
+    from torch.profiler import record_function
+
+    optimizer = engine.optimizer
+    step = optimizer.step
+
+    def step_in_range(*args, **kwargs):
+        with record_function("nbp.optimizer"):
+            return step(*args, **kwargs)
+
+    optimizer.step = step_in_range
+
