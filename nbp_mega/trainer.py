@@ -168,8 +168,7 @@ class Trainer:
                 self.engine.backward(token_loss.mean())
                 with record_function("nbp.optimizer"):
                     self.engine.step()
-                per_block = token_loss.detach().view(self.micro, -1, self.layout.block_len)
-                block_loss += per_block.mean(dim=(0, 2)).double()
+                block_loss += self.layout.loss_per_block(token_loss)
         block_loss = all_reduce_(block_loss / self.accum, self.dims.dp_group, mean=True).cpu()
         data = self._data_record(batch)
         seconds = time.perf_counter() - start

@@ -130,6 +130,12 @@ class SequenceLayout:
     def num_target_blocks(self) -> int:
         return self.num_targets // self.block_len
 
+    def loss_per_block(self, token_loss):
+        """Per-target losses [m, Nt] -> the mean loss of each target block position [nb]
+        (over the clips and the tokens of the block), fp64, detached."""
+        m = token_loss.shape[0]
+        return token_loss.detach().view(m, -1, self.block_len).mean(dim=(0, 2)).double()
+
     @property
     def generation_steps(self) -> int:
         """Forward passes to generate a clip from its conditioning alone."""

@@ -141,9 +141,7 @@ class StageLoss:
 
     def __call__(self, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         token_loss = self.model.loss(states, targets)  # [m, Nt]
-        per_block = token_loss.detach().view(token_loss.shape[0], -1,
-                                             self.model.layout.block_len)
-        per_block = per_block.mean(dim=(0, 2)).double()  # [nb]
+        per_block = self.model.layout.loss_per_block(token_loss)  # [nb]
         self.block_sum = per_block if self.block_sum is None else self.block_sum + per_block
         self.micro_batches += 1
         return token_loss.mean()
