@@ -185,11 +185,11 @@ def backward_peak(job: Job, layout: Layout, grad_bytes: int, grad_cap: int,
     kept, ends, working = _activation_parts(job, layout, device)
     head = s.modules[-1][1][0].local_numel(tp) if s.has_head else 0
     per_layer = sum(p.local_numel(tp) for name, params in s.modules
-                    if name.startswith(f"layers.{getattr(s, 'first_layer', 0)}.")
+                    if name.startswith(f"layers.{s.first_layer}.")
                     for p in params)
     logits = logits_bytes(job, layout) if s.has_head else 0
     # a pipeline stage holds the activations of other micro-batches in flight meanwhile
-    others = (getattr(s, "in_flight", 1) - 1) * (s.layers * kept + ends)
+    others = (s.in_flight - 1) * (s.layers * kept + ends)
     # at the loss: every activation, the logits of a chunk, the head's gradient appearing
     moments = [(others + s.layers * kept + ends + working, min(head, grad_cap), logits)]
     for done in range(1, s.layers + 1):  # after `done` layers of the backward

@@ -62,6 +62,8 @@ class ModelShape:
     """Parameters and sizes of one (resolved) model config."""
 
     has_embedding = has_head = True  # a StageShape may hold neither
+    first_layer = 0  # a StageShape's first layer
+    in_flight = 1  # micro-batches whose activations are held at once (StageShape: 1F1B)
 
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg = cfg.resolved()
