@@ -86,10 +86,10 @@ def _overlap(xs, ys) -> float:
     return total
 
 
-def comm_wait_seconds(events, needles=_COMM) -> float:
+def comm_wait_seconds(events, p2p: bool = False) -> float:
     """Seconds the step's thread (the one with the most operator calls) is inside no operator
-    while a collective (one whose name has one of `needles`) runs on another thread (see the
-    module docstring)."""
+    while a collective (p2p: a send or receive) runs on another thread (see the module
+    docstring)."""
     calls: dict[int, int] = {}
     for e in events:
         calls[e.thread] = calls.get(e.thread, 0) + 1
@@ -101,9 +101,9 @@ def comm_wait_seconds(events, needles=_COMM) -> float:
     # gloo's point-to-point waits are async ranges on the calling thread itself (the
     # blocking receive of a pipeline stage: no operator runs meanwhile)
     comm = _union((e.time_range.start, e.time_range.end) for e in events
-                  if (e.thread != main or (needles is _P2P and e.is_async))
-                  and _claims(e.name, needles)
-                  and (needles is _P2P or not _claims(e.name, _P2P)))
+                  if (e.thread != main or (p2p and e.is_async))
+                  and _claims(e.name, _P2P if p2p else _COMM)
+                  and (p2p or not _claims(e.name, _P2P)))
     if not ops or not comm:
         return 0.0
     idle = [(a[1], b[0]) for a, b in zip(ops, ops[1:], strict=False)]  # gaps between its ops
@@ -121,7 +121,7 @@ def breakdown(prof, wall_seconds: float) -> dict:
         if category is not None:
             seconds[category] += event.self_cpu_time_total / 1e6
     seconds["communication"] += comm_wait_seconds(events)
-    seconds["pipeline"] += comm_wait_seconds(events, _P2P)
+    seconds["pipeline"] += comm_wait_seconds(events, p2p=True)
     seconds["other"] = max(wall_seconds - sum(seconds.values()), 0.0)
     total = sum(seconds.values()) or 1.0
     return {"seconds": seconds, "fraction": {k: v / total for k, v in seconds.items()},
