@@ -12,6 +12,7 @@ import os
 import re
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from nbp_mega.config_fields import ConfigError, deep_merge
@@ -68,8 +69,6 @@ def batch_arithmetic(global_batch: int, micro_batch: int, dp: int) -> tuple[int,
 
 
 def _on_gloo(dims: ParallelDims) -> bool:
-    import torch.distributed as dist
-
     return dist.is_initialized() and dist.get_backend(dims.dp_group) == "gloo"
 
 
@@ -302,8 +301,6 @@ def load_universal_checkpoint(engine, path: str) -> str | None:
     increments in place once per group per step (wrong bias correction): give each its own.
     """
     _alias_stage_names(engine, path)
-    import torch.distributed as dist
-
     if dist.is_initialized():
         dist.barrier()  # every stage's links are there
     mpu = engine.mpu  # ours, or the pipeline engine's grid (its TP group: the "slice" group)
