@@ -58,6 +58,26 @@ def test_stages_hold_their_parts_initialised_as_the_whole_model(dims, variant):
         stages[0].layers[1](x, None, 0)
 
 
+def test_a_stage_recomputes_its_layers_with_activation_checkpointing(dims):
+    """The middle stage of 3 with activation checkpointing runs each of its layers twice per
+    step (forward, and again in backward: a pre-hook, as the recompute stops early once it has
+    what backward needs) and gives the gradients of the plain stage."""
+    cfg = tiny_model_config(layers=3, family="llama", position="rope_3d", num_classes=0)
+    parallel = ParallelConfig(pipeline=3, zero_stage=1)
+    stages = [build(dims, dataclasses.replace(cfg, activation_checkpointing=ckpt),
+                    stage_of(cfg, parallel, 1)).train() for ckpt in (False, True)]
+    x = torch.randn(2, stages[0].layout.seq_len, stages[0].cfg.hidden)
+    calls = {False: 0, True: 0}
+    grads = {}
+    for ckpt, stage in zip((False, True), stages, strict=True):
+        stage.layers[1].register_forward_pre_hook(lambda *_, c=ckpt: calls.__setitem__(c, calls[c] + 1))
+        stage(x).square().mean().backward()
+        grads[ckpt] = {n: p.grad for n, p in stage.named_parameters()}
+    assert calls == {False: 1, True: 2}
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, rtol=1e-6, atol=1e-7)
+
+
 def test_weights_do_not_depend_on_what_else_was_built(dims):
     """Each part has its own seed: a model's layer 1 is the same whether or not the process
     also built layer 0 and the embedding, and another seed gives other weights."""
