@@ -18,7 +18,6 @@ fixed tar headers (mtime 0), so redoing a chunk gives byte-identical files.
 from __future__ import annotations
 
 import glob
-import hashlib
 import io
 import json
 import os
@@ -27,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from nbp_mega.checksums import sha256_file
 from nbp_mega.data.inputs import VideoInput
 from nbp_mega.data.video import Clip, ClipSpec, VideoError, VideoProbe, iter_clips, probe
 from nbp_mega.tokenizer.text import class_name_to_text
@@ -97,14 +97,6 @@ def _npy(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     return buf.getvalue()
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _decoded(video: VideoInput, spec: ClipSpec, note: list):
@@ -252,7 +244,7 @@ class ChunkRun:
             for part, (tmp, clips) in enumerate(sorted(writer.close().items())):
                 name = os.path.join(target, f"shard-{number:06d}-{part:03d}.tar")
                 files.append({"kind": kind, "path": os.path.relpath(name, self.out),
-                              "bytes": os.path.getsize(tmp), "sha256": _sha256(tmp),
+                              "bytes": os.path.getsize(tmp), "sha256": sha256_file(tmp),
                               "clips": clips})
                 os.replace(tmp, name)
         record = {"split": split, "number": number, "plan_digest": self.plan_digest,
@@ -292,6 +284,6 @@ def completed_record(out: str, split: str, number: int, plan_digest: str) -> dic
     for item in record.get("files", []):
         path = os.path.join(out, item["path"])
         if not os.path.isfile(path) or os.path.getsize(path) != item["bytes"] \
-                or _sha256(path) != item["sha256"]:
+                or sha256_file(path) != item["sha256"]:
             return None
     return record

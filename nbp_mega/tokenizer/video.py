@@ -33,6 +33,7 @@ from contextlib import nullcontext
 
 import torch
 
+from nbp_mega.checksums import sha256_file
 from nbp_mega.tokenizer.magvit2 import PRESETS, Magvit2, Magvit2Config
 
 FORMAT = "nbp_mega.video_tokenizer"
@@ -174,14 +175,6 @@ class VideoTokenizer:
 
 
 # -- files -----------------------------------------------------------------------------------
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _sha256_state(state: dict) -> str:
     h = hashlib.sha256()
     for key in sorted(state):
@@ -247,7 +240,7 @@ def load_video_tokenizer(path_or_preset: str, *, device="cpu", batch_size: int =
         model = model.to_empty(device="cpu")
         model.quantizer = type(model.quantizer)(cfg.levels)  # buffers are not in the file
         _load_strict(model, state, path_or_preset)
-        checksum, name = _sha256_file(path_or_preset), os.path.basename(path_or_preset)
+        checksum, name = sha256_file(path_or_preset), os.path.basename(path_or_preset)
     else:
         raise TokenizerError(f"{path_or_preset!r} is neither a tokenizer file nor a preset "
                              f"({', '.join(PRESETS)})")
