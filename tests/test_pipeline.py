@@ -79,10 +79,10 @@ def assert_same_run(reference, other, *, rel=1e-5, since=0):
 def test_tp2_x_pp2_on_four_ranks_gives_the_losses_of_one_stage(shards, reference, tmp_path):  # noqa: F811
     """TP=2 x PP=2 (4 ranks, dp 1): megatron's TP layers inside each of the two stages, each
     stage recomputing its layers in backward (activation checkpointing; the reference does
-    not, so recompute must not change a loss or gradient); the profiler's breakdown shows the stages' sends and receives (the bubble). Its checkpoint
-    keeps DeepSpeed's pipeline layout and reads back (nbp_mega.export.weights, as
-    the exporter, sampler and init_from do) as the reference's weights; the per-block loss
-    comes from the last stage to rank 0's log."""
+    not, so recompute must not change a loss or gradient); the profiler's breakdown shows the
+    stages' sends and receives (the bubble). Its checkpoint keeps DeepSpeed's pipeline layout
+    and reads back (nbp_mega.export.weights, as the exporter, sampler and init_from do) as the
+    reference's weights; the per-block loss comes from the last stage to rank 0's log."""
     out = tmp_path / "tp2pp2"
     run([*LAUNCH, *pipeline_overrides(shards, out, "parallel.tensor=2", "parallel.pipeline=2",
                                       "model.activation_checkpointing=true",

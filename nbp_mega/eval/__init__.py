@@ -10,5 +10,5 @@ from nbp_mega.eval.detector import DetectorError, load_detector, prepare
 from nbp_mega.eval.frechet import FeatureStats, frechet_distance
 from nbp_mega.eval.fvd import PRESETS, FVDConfig, compute_fvd, fvd_config, set_statistics
 
-__all__ = ["PRESETS", "DetectorError", "FVDConfig", "FeatureStats", "compute_fvd", "frechet_distance",
-           "fvd_config", "load_detector", "prepare", "set_statistics"]
+__all__ = ["PRESETS", "DetectorError", "FVDConfig", "FeatureStats", "compute_fvd",
+           "frechet_distance", "fvd_config", "load_detector", "prepare", "set_statistics"]

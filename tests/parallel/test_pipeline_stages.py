@@ -70,7 +70,8 @@ def test_a_stage_recomputes_its_layers_with_activation_checkpointing(dims):
     calls = {False: 0, True: 0}
     grads = {}
     for ckpt, stage in zip((False, True), stages, strict=True):
-        stage.layers[1].register_forward_pre_hook(lambda *_, c=ckpt: calls.__setitem__(c, calls[c] + 1))
+        stage.layers[1].register_forward_pre_hook(
+            lambda *_, c=ckpt: calls.__setitem__(c, calls[c] + 1))
         stage(x).square().mean().backward()
         grads[ckpt] = {n: p.grad for n, p in stage.named_parameters()}
     assert calls == {False: 1, True: 2}
