@@ -39,7 +39,7 @@ class Config:
                                        "generated ones (pass-through)")
 
 
-def _read_yaml(path: str, seen: tuple[str, ...] = ()) -> dict:
+def read_yaml(path: str, seen: tuple[str, ...] = ()) -> dict:
     """Read a config file, following `base:` chains (deep-merged, child wins)."""
     path = os.path.abspath(path)
     if path in seen:
@@ -56,13 +56,13 @@ def _read_yaml(path: str, seen: tuple[str, ...] = ()) -> dict:
     base = data.pop("base", None)
     if base is None:
         return data
-    return deep_merge(_read_yaml(os.path.join(os.path.dirname(path), base), seen + (path,)),
+    return deep_merge(read_yaml(os.path.join(os.path.dirname(path), base), seen + (path,)),
                       data)
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- YAML file <- `key.sub=value` overrides; checked; model sizes resolved."""
-    updates = _read_yaml(path) if path else {}
+    updates = read_yaml(path) if path else {}
     updates = deep_merge(updates, parse_overrides(overrides or []))
     cfg = merge(Config(), updates)
     check(cfg)

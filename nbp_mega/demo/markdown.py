@@ -13,6 +13,7 @@ import time
 
 from nbp_mega.demo.analysis import DIRECTIONS
 from nbp_mega.demo.videos import CLASSES
+from nbp_mega.eval.report import markdown_table
 
 # What the contact sheet of `make demo` (default scale, seed 0) showed when looked at; shown
 # only for that scale. Update it when the demo changes (tools/demo.py, then look at
@@ -35,11 +36,6 @@ BY_EYE = """\
 BY_EYE_DATE = "2026-12-02, the development machine, 500 steps"
 
 
-def _table(header: list[str], rows: list[list]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-
-
 def _pct(x: float) -> str:
     return f"{100 * x:.0f}%"
 
@@ -53,7 +49,7 @@ def stage_section(stages, total: float) -> list[str]:
             "the demo took meanwhile, as a share of all cores (nbp_mega.machine_load), and "
             "the 1-minute load average at the stage's end: where they are high, every time "
             "here is longer than on a quiet machine.", "",
-            *_table(["stage", "seconds", "machine"], rows), ""]
+            *markdown_table(["stage", "seconds", "machine"], rows), ""]
 
 
 def data_section(scale, results) -> list[str]:
@@ -64,8 +60,8 @@ def data_section(scale, results) -> list[str]:
             f"Synthetic clips of {scale.frames} frames at {scale.size}x{scale.size} pixels "
             "(H.264 files under `videos/`): one square over a grey gradient; the class fixes "
             "its colour and the direction it moves in (speed, size, position and brightness "
-            "vary).", "", *_table(["class", "name", "colour (RGB)", "moves", "train clips",
-                                   "val clips"], rows), "",
+            "vary).", "", *markdown_table(["class", "name", "colour (RGB)", "moves",
+                                           "train clips", "val clips"], rows), "",
             f"Tokenizer `{os.path.basename(tok['path'])}` (tiny-s4 with {tok['codebook']} FSQ "
             f"codes, sha256 `{tok['sha256'][:16]}...` checked): {scale.frames}x{scale.size}x"
             f"{scale.size} pixels -> {'x'.join(map(str, scale.grid))} tokens. Validation clips "
@@ -85,8 +81,8 @@ def training_section(scale, results) -> list[str]:
             f"Both models: configs/demo_nbp.yaml / demo_ntp.yaml, {scale.steps} steps of "
             f"{scale.global_batch} clips, ZeRO-3 over 2 CPU ranks (launch.sh, "
             "NPROC_PER_NODE=2), class label as a prefix token.", "",
-            *_table(["model", "block", "steps", "first train loss", "last train loss",
-                     "final val loss", "median step s", "tokens/s"], rows), "",
+            *markdown_table(["model", "block", "steps", "first train loss", "last train loss",
+                             "final val loss", "median step s", "tokens/s"], rows), "",
             "![loss curves](loss_curves.png)", "",
             "Validation loss per latent row of the predicted tokens, from the final weights "
             "on the validation shards (NBP predicts a whole row at once from the rows before "
@@ -111,8 +107,9 @@ def stats_section(results) -> list[str]:
             "pixels of a frame; \"colour ok\" = its mean colour is nearest to its class's "
             "colour; \"motion ok\" = its centre moves mainly in the class's direction (a "
             "least-squares line through the frames; under 0.4 px/frame is \"still\").", "",
-            *_table(["clips", "class", "n", "frames with a square", "colour ok", "motion ok",
-                     "directions seen", "mean colour", "velocity dy, dx (px/frame)"], rows),
+            *markdown_table(["clips", "class", "n", "frames with a square", "colour ok",
+                             "motion ok", "directions seen", "mean colour",
+                             "velocity dy, dx (px/frame)"], rows),
             "", *summary_lines(results), ""]
 
 
@@ -141,8 +138,9 @@ def speed_section(results, stages) -> list[str]:
             "From each `samples/<model>/samples.json` (tools/sample.py's `timings.generation_s`:"
             " sampling only, model loading and decoding to pixels excluded), one batch of all "
             "clips, KV cache, CPU fp32.", "",
-            *_table(["model", "block", "clips", "batch", "steps per clip", "generation s",
-                     "s per clip", "tokens/s", "video frames/s", "speed-up vs NTP"], rows),
+            *markdown_table(["model", "block", "clips", "batch", "steps per clip",
+                             "generation s", "s per clip", "tokens/s", "video frames/s",
+                             "speed-up vs NTP"], rows),
             "", "The machine while sampling: " + ("; ".join(busy) or "not measured") +
             " (a busy machine makes both slower and the ratio noisy).", ""]
 

@@ -27,13 +27,12 @@ than one level); decoding the same tokens differs from fp32 by 0.0037 mean absol
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from contextlib import nullcontext
 
 import torch
 
-from nbp_mega.checksums import sha256_file
+from nbp_mega.checksums import sha256_file, sha256_tensors
 from nbp_mega.tokenizer.magvit2 import PRESETS, Magvit2, Magvit2Config
 
 FORMAT = "nbp_mega.video_tokenizer"
@@ -175,14 +174,6 @@ class VideoTokenizer:
 
 
 # -- files -----------------------------------------------------------------------------------
-def _sha256_state(state: dict) -> str:
-    h = hashlib.sha256()
-    for key in sorted(state):
-        h.update(key.encode())
-        h.update(state[key].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def _load_strict(model: Magvit2, state: dict, path: str) -> None:
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
@@ -231,7 +222,7 @@ def load_video_tokenizer(path_or_preset: str, *, device="cpu", batch_size: int =
     if path_or_preset in PRESETS:
         torch.manual_seed(seed)
         model = Magvit2(PRESETS[path_or_preset])
-        checksum = _sha256_state(model.state_dict())
+        checksum = sha256_tensors(model.state_dict())
         name = path_or_preset
     elif os.path.isfile(path_or_preset):
         cfg, state = _read(path_or_preset)

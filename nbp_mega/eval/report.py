@@ -1,0 +1,148 @@
+"""An evaluation's files: OUT/results.json (every number, the protocol, the checksums),
+OUT/summary.md with its plots, and TensorBoard scalars for periodic evaluation of a run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+
+def markdown_table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def _fmt(x, digits: int = 4) -> str:
+    return "n/a" if x is None else f"{x:.{digits}g}"
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
+def write_results(cfg, results: dict) -> dict:
+    """results.json (config included), the plots and summary.md under cfg.out -> file paths."""
+    from nbp_mega.eval.per_block import plot_position_scores
+
+    os.makedirs(cfg.out, exist_ok=True)
+    files = {"results": os.path.join(cfg.out, "results.json"),
+             "summary": os.path.join(cfg.out, "summary.md")}
+    name = cfg.name or os.path.basename(os.path.normpath(cfg.run)) or "model"
+    if results.get("per_block"):
+        files["per_block_plot"] = os.path.join(cfg.out, "per_block.png")
+        plot_position_scores({name: results["per_block"]}, results["model"]["grid"],
+                             files["per_block_plot"])
+    if results.get("temporal"):
+        files["temporal_plot"] = os.path.join(cfg.out, "temporal.png")
+        plot_temporal({name: results["temporal"]}, files["temporal_plot"])
+    record = {"config": dataclasses.asdict(cfg), **results, "files": files}
+    with open(files["results"] + ".tmp", "w") as f:
+        json.dump(record, f, indent=1)
+    os.replace(files["results"] + ".tmp", files["results"])
+    with open(files["summary"], "w") as f:
+        f.write("\n".join(summary_lines(name, cfg, results, files)) + "\n")
+    return files
+
+
+def summary_lines(name: str, cfg, r: dict, files: dict) -> list[str]:
+    p = cfg.fvd
+    lines = [f"# Evaluation of {name}", ""]
+    if r.get("model"):
+        lines += [f"Model: `{r['model']['path']}` (weights sha256 "
+                  f"`{r['model']['weights_sha256'][:16]}`)"]
+    if r.get("tokenizer"):
+        lines += [f"Tokenizer: `{r['tokenizer']['path']}` (sha256 "
+                  f"`{r['tokenizer']['sha256'][:16]}`)"]
+    if r.get("fvd"):
+        f = r["fvd"]
+        lines += ["", "## FVD", "",
+                  f"Protocol `{p.protocol}`: the first {p.frames} frames at {p.resolution}x"
+                  f"{p.resolution}" + (f", evaluated at {p.eval_resolution}x"
+                                       f"{p.eval_resolution}" if p.eval_resolution else "")
+                  + f"; {f['samples_per_fold']} generated clips x {len(f['folds'])} folds vs "
+                  f"{f['reference_clips']} real clips"
+                  + (f" at {p.fps:g} fps" if p.fps else "")
+                  + (f"; the first {p.context_frames} frames given" if p.context_frames else "")
+                  + f". Detector sha256 `{f['detector']['sha256'][:16]}`.", "",
+                  *markdown_table(["FVD (mean over folds)", "std", "folds"],
+                                  [[f"{f['fvd']:.2f}", f"{f['fvd_std']:.2f}",
+                                    ", ".join(f"{x:.2f}" for x in f["folds"])]])]
+    if r.get("per_block"):
+        b = r["per_block"]
+        lines += ["", "## Validation by position", "",
+                  f"{b['clips']} validation clips: loss {b['loss']:.4f} nats per token, top-1 "
+                  f"accuracy {100 * b['accuracy']:.2f}%.", "",
+                  *markdown_table(["latent frame", "loss", "accuracy"],
+                                  [[t, _fmt(lo), _pct(acc)] for t, (lo, acc) in enumerate(
+                                      zip(b["frame"]["loss"], b["frame"]["accuracy"],
+                                          strict=True))])]
+        if "per_block_plot" in files:
+            lines += ["", "![per latent row](per_block.png)"]
+    if r.get("temporal"):
+        t = r["temporal"]
+        lines += ["", "## Temporal consistency", "",
+                  *markdown_table(["", "clips", "mean frame change", "flicker"],
+                                  [[k, t[k]["clips"], f"{t[k]['mean_change']:.4f}",
+                                    f"{t[k]['flicker']:.3f}"] for k in ("generated", "real")]),
+                  "", f"Generated / real: change {t['mean_change_ratio']:.2f}x, flicker "
+                  f"{t['flicker_ratio']:.2f}x; the largest jump is frame {t['worst_step']} -> "
+                  f"{t['worst_step'] + 1} ({t['worst_step_ratio']:.2f}x real's change there)."]
+        if "temporal_plot" in files:
+            lines += ["", "![frame change](temporal.png)"]
+    if r.get("tokenizer_reconstruction"):
+        k = r["tokenizer_reconstruction"]
+        lines += ["", "## Tokenizer reconstruction", "",
+                  *markdown_table(["clips", "frames", "PSNR (dB)", "SSIM", "codes used",
+                                   "perplexity"],
+                                  [[k["clips"], k["frames"], f"{k['psnr']:.2f}",
+                                    f"{k['ssim']:.4f}", f"{100 * k['codes_used_fraction']:.1f}%",
+                                    f"{k['perplexity']:.1f}"]])]
+    lines += ["", "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in
+                                               r["timings_s"].items()),
+              "", "Every number, the config and the checksums: `results.json`."]
+    return lines
+
+
+def plot_temporal(temporal: dict[str, dict], path: str) -> None:
+    """PNG: mean frame change per step of each model's generated clips and of the real ones."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    real = next(iter(temporal.values()))["real"]["profile"]
+    ax.plot(np.arange(len(real)), real, "k--", label="real")
+    for name, t in temporal.items():
+        ax.plot(np.arange(len(real)), t["generated"]["profile"], "o-", ms=3, label=name)
+    ax.set(xlabel="frame t -> t + 1", ylabel="mean |change| per pixel (0-1 scale)",
+           title="Frame-to-frame change: generated vs real clips")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def scalars(results: dict) -> dict[str, float]:
+    """The numbers TensorBoard shows for a periodic evaluation (tag -> value)."""
+    out = {}
+    if results.get("fvd"):
+        out["eval/fvd"] = results["fvd"]["fvd"]
+    if results.get("per_block"):
+        b = results["per_block"]
+        out["eval/val_loss"], out["eval/val_accuracy"] = b["loss"], b["accuracy"]
+        for view in ("frame",):
+            for key in ("loss", "accuracy"):
+                for i, x in enumerate(b[view][key]):
+                    if x is not None:
+                        out[f"eval_{key}_by_{view}/{i:03d}"] = x
+    if results.get("temporal"):
+        out["eval/flicker_ratio"] = results["temporal"]["flicker_ratio"]
+        out["eval/mean_change_ratio"] = results["temporal"]["mean_change_ratio"]
+    if results.get("tokenizer_reconstruction"):
+        out["eval/tokenizer_psnr"] = results["tokenizer_reconstruction"]["psnr"]
+    return out

@@ -1,0 +1,182 @@
+"""tools/evaluate.py end to end on tiny real parts: a class-conditional model (state-dict file),
+a tokenizer, real video files, validation shards and the I3D stand-in. The command as users run
+it, an interrupted evaluation resumed to the same numbers, frame-prediction contexts, bad input,
+and --watch over a training run's checkpoints with TensorBoard scalars."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from nbp_mega.checksums import sha256_file, sha256_tensors
+from nbp_mega.data.synthetic import write_synthetic_shards
+from nbp_mega.eval.frechet import stats_distance
+from nbp_mega.eval.fvd import load_stats
+from nbp_mega.eval.sources import GeneratedClips, RealClips
+from nbp_mega.export import write_state_dict
+from nbp_mega.export.weights import Weights
+from nbp_mega.generate import SamplingConfig
+from nbp_mega.model import NBPTransformer
+from nbp_mega.parallel.layers import TensorParallel
+from nbp_mega.tokenizer import load_video_tokenizer
+from tests.data.videos import write_video
+from tests.eval.detector_standin import write_standin
+from tests.generate.test_sample_cli import write_tokenizer
+from tests.test_bench_tools import load_tool
+from tests.test_train import ROOT
+from tests.test_train_cli import TINY
+
+FRAMES = 4  # of the 5 a 2-frame latent grid decodes to (tokenizer time downsample 4)
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory, dims):
+    """Every file an evaluation reads, and its config (YAML, as a user writes one)."""
+    from nbp_mega.config import load_config
+
+    tmp = tmp_path_factory.mktemp("evaluate")
+    (tmp / "videos").mkdir()
+    for i in range(5):  # 9..21 frames at 8 fps, 48 x 40: read as 32 x 32 clips of 5 frames
+        write_video(str(tmp / "videos" / f"v{i}.mkv"), frames=9 + 3 * i, rate=8, width=48,
+                    height=40)
+    write_synthetic_shards(str(tmp / "shards"), num_train=8, num_val=8, grid=(2, 4, 4),
+                           vocab=32, classes=4, shard_size=8)
+    cfg = load_config(TINY, ["model.grid=[2,4,4]", "model.block_shape=[1,1,4]",
+                             "model.vocab_size=32", "model.num_classes=4",
+                             "model.layers=2", "model.hidden=32", "model.heads=4"])
+    torch.manual_seed(0)
+    model = NBPTransformer(cfg.model, TensorParallel(dims, init_std=cfg.model.init_std))
+    write_state_dict(cfg, Weights.of_model(model), str(tmp / "model.pt"))
+    write_tokenizer(tmp / "tok32.pt", (4, 4, 2))
+    write_standin(tmp / "i3d_torchscript.pt", frames=FRAMES)
+    config = {"run": str(tmp / "model.pt"), "tokenizer": str(tmp / "tok32.pt"),
+              "videos": str(tmp / "videos"), "out": str(tmp / "out"),
+              "fvd": {"detector": str(tmp / "i3d_torchscript.pt"), "frames": FRAMES,
+                      "resolution": 32, "samples": 6, "folds": 2, "reference_clips": 7,
+                      "batch_size": 2, "save_every": 1},
+              "per_block": {"val_shards": str(tmp / "shards" / "val"), "batch_size": 4,
+                            "max_batches": 2},
+              "temporal": {"clips": 3}, "tokenizer_eval": {"clips": 3},
+              "sampling": {"top_k": 0, "top_p": 1.0}}
+    (tmp / "eval.yaml").write_text(yaml.safe_dump(config))
+    return tmp
+
+
+def test_the_command_writes_every_number_with_the_protocol_and_checksums(parts):
+    out = parts / "cli"
+    subprocess.run([sys.executable, f"{ROOT}/tools/evaluate.py", str(parts / "eval.yaml"),
+                    f"out={out}"], check=True, cwd=parts, timeout=600)
+    r = json.loads((out / "results.json").read_text())
+    assert r["config"]["fvd"]["samples"] == 6 and r["config"]["fvd"]["protocol"] == "custom"
+    assert r["fvd"]["detector"]["sha256"] == sha256_file(parts / "i3d_torchscript.pt")
+    assert r["tokenizer"]["sha256"] == load_video_tokenizer(str(parts / "tok32.pt")).checksum()
+    weights = torch.load(parts / "model.pt", weights_only=True)["state_dict"]
+    assert r["model"]["weights_sha256"] == sha256_tensors(weights)
+    # each fold's FVD is the distance of its statistics file to the reference set's
+    reference, meta = load_stats(out / "stats" / "reference.npz")
+    assert reference.count == 7 and meta["set"]["kind"] == "videos"
+    for f in range(2):
+        stats, meta = load_stats(out / "stats" / f"generated_fold{f}.npz")
+        assert stats.count == 6 and meta["set"]["slice"] == [6 * f, 6 * (f + 1)]
+        assert r["fvd"]["folds"][f] == pytest.approx(stats_distance(reference, stats), rel=1e-12)
+    assert r["fvd"]["fvd"] == pytest.approx(np.mean(r["fvd"]["folds"])) and r["fvd"]["fvd"] > 0
+    assert r["per_block"]["clips"] == 8 and len(r["per_block"]["frame"]["loss"]) == 2
+    assert r["temporal"]["generated"]["clips"] == 3 and len(r["temporal"]["profile_ratio"]) == 4
+    assert r["tokenizer_reconstruction"]["clips"] == 3 and r["tokenizer_reconstruction"]["psnr"] > 0
+    summary = (out / "summary.md").read_text()
+    assert f"| {r['fvd']['fvd']:.2f} |" in summary and "![per latent row](per_block.png)" in summary
+    for png in ("per_block.png", "temporal.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert not [p for p in os.listdir(out / "stats") if "rank" in p]  # states cleaned up
+
+
+def test_an_interrupted_evaluation_resumes_to_the_same_numbers(parts, dims, monkeypatch):
+    """In process: generation stops at its 5th batch (fold 0 done, fold 1 half saved); the
+    rerun generates only what no saved state holds and ends with the uninterrupted numbers."""
+    tool = load_tool("evaluate")
+    config = [str(parts / "eval.yaml"), "metrics=[fvd]"]
+    assert tool.main([*config, f"out={parts / 'whole'}"]) == 0
+    calls = {"n": 0, "fail_at": 5}
+    original = GeneratedClips.tokens
+
+    def counted(self, lo, hi):
+        calls["n"] += 1
+        if calls["n"] == calls["fail_at"]:
+            raise KeyboardInterrupt("interrupted")
+        return original(self, lo, hi)
+
+    monkeypatch.setattr(GeneratedClips, "tokens", counted)
+    with pytest.raises(KeyboardInterrupt):
+        tool.main([*config, f"out={parts / 'cut'}"])
+    calls.update(n=0, fail_at=None)
+    assert tool.main([*config, f"out={parts / 'cut'}"]) == 0
+    assert calls["n"] == 2  # fold 1's last two batches; fold 0 and the reference were saved
+    whole, cut = (json.loads((parts / d / "results.json").read_text())["fvd"]
+                  for d in ("whole", "cut"))
+    assert cut["folds"] == whole["folds"]  # exact
+
+
+def test_frame_prediction_continues_each_real_clip(parts, dims):
+    """context_frames=1: clip i's first latent frame is the tokenizer's code of real clip i's
+    first frame; the rest is generated."""
+    from nbp_mega.generate.load import load_trained_model
+
+    model, _ = load_trained_model(str(parts / "model.pt"), dims=dims)
+    tok = load_video_tokenizer(str(parts / "tok32.pt"))
+    real = RealClips(str(parts / "videos"), count=3, frames=5, resolution=32, seed=1)
+    fake = GeneratedClips(model, tok, count=3, seed=0, sampling=SamplingConfig(), record={},
+                          context=real, context_frames=1)
+    tokens = fake.tokens(0, 3)
+    first = tok.encode(real.videos(0, 3)[:, :, :1] - 0.5)
+    assert torch.equal(tokens[:, :1], first[:, :1])
+    with pytest.raises(ValueError, match="context_frames=2: expected 1 \\+ 4 k pixel frames"):
+        GeneratedClips(model, tok, count=3, seed=0, sampling=SamplingConfig(), record={},
+                       context=real, context_frames=2)
+
+
+@pytest.mark.parametrize("override, message", [
+    (["fvd.detector="], "fvd needs fvd.detector"),
+    (["fvd.detector_sha256=" + "ab" * 32], "the pin is abab"),
+    (["fvd.sample=3"], "unknown config key 'fvd.sample'"),
+    (["metrics=[fid]"], "metrics=\\['fid'\\]: expected"),
+    (["videos="], "need 'videos'"),
+    (["fvd.resolution=64"], "set fvd.resolution=32"),
+], ids=["no-detector", "pin", "key", "metric", "videos", "resolution"])
+def test_bad_input_is_refused_naming_what_was_wrong(parts, capsys, override, message):
+    tool = load_tool("evaluate")
+    assert tool.main([str(parts / "eval.yaml"), f"out={parts / 'bad'}", "metrics=[fvd]",
+                      *override]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_watch_evaluates_each_checkpoint_into_tensorboard(tp2_run, tmp_path, dims):
+    """--watch --once over a training run (TP=2 x DP=2, ZeRO-3): its checkpoint evaluated
+    (validation by position), eval/ scalars at the checkpoint's step; a second pass finds
+    nothing new."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tp2_run, run_dir)
+    (tmp_path / "watch.yaml").write_text(yaml.safe_dump(
+        {"metrics": ["per_block"], "out": str(tmp_path / "evals"),
+         "per_block": {"batch_size": 4, "max_batches": 2}}))
+    tool = load_tool("evaluate")
+    args = [str(tmp_path / "watch.yaml"), "--watch", str(run_dir), "--once"]
+    assert tool.main(args) == 0
+    (step, name), = tool.checkpoints(str(run_dir))
+    r = json.loads((tmp_path / "evals" / name / "results.json").read_text())
+    events = EventAccumulator(str(run_dir / "tensorboard" / "eval"))
+    events.Reload()
+    (scalar,) = events.Scalars("eval/val_loss")
+    assert scalar.step == step and scalar.value == pytest.approx(r["per_block"]["loss"])
+    assert tool.watch(tool.load_eval_config(args[0], [f"run={run_dir}"]), dims, str(run_dir),
+                      once=True, poll=0) == 0
