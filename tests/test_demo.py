@@ -172,7 +172,8 @@ def test_report_references_images_that_exist(demo):
     out, _ = demo
     report = os.path.join(out, "report", "report.md")
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", _read(report))
-    assert {"loss_curves.png", "loss_by_row.png", "contact_sheet.png"} <= set(images)
+    assert {"loss_curves.png", "per_block.png", "contact_sheet.png", "temporal.png"} \
+        <= set(images)
     for name in images:
         with Image.open(os.path.join(os.path.dirname(report), name)) as img:
             assert img.format == "PNG" and min(img.size) > 200
@@ -211,3 +212,23 @@ def test_report_measures_the_real_clips_correctly(demo):
     for c in stats["real"]:
         assert c["colour_match"] == c["direction_match"] == c["square_found"] == 1.0
     assert set(stats) == {"real", "real through the tokenizer", "NBP", "NTP"}
+
+
+def test_report_has_scores_by_position_and_temporal_consistency(demo):
+    """stats.json: per-row loss and accuracy of both models (the report's per_block.png) and
+    the frame-change statistics of their samples against the same real clips."""
+    out, _ = demo
+    results = json.loads(_read(os.path.join(out, "report", "stats.json")))
+    for model in ("nbp", "ntp"):
+        scores = results["per_block"][model]
+        assert len(scores["row"]["loss"]) == QUICK.grid[0] * QUICK.grid[1]
+        assert results["loss_by_row"][model] == scores["row"]["loss"]
+        assert 0 < scores["accuracy"] < 1
+    real = [t["real"] for t in results["temporal"].values()]
+    assert set(results["temporal"]) == {"NBP", "NTP"} and real[0] == real[1]
+    for t in results["temporal"].values():
+        assert t["generated"]["clips"] == real[0]["clips"] > 0
+        assert len(t["profile_ratio"]) == QUICK.frames - 1
+    report = _read(os.path.join(out, "report", "report.md"))
+    nbp = results["temporal"]["NBP"]
+    assert "## Temporal consistency" in report and f"{nbp['flicker_ratio']:.2f}x" in report

@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from nbp_mega.demo.videos import CLASSES
 
@@ -96,28 +95,3 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """PSNR in dB of two uint8 arrays of one shape."""
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
     return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
-
-
-# -- validation loss per latent row ----------------------------------------------------------
-@torch.no_grad()
-def loss_by_row(model, val_index, batch_size: int, max_batches: int) -> np.ndarray:
-    """Mean validation loss [T*H] per latent row (t, h) of the predicted token, whatever the
-    block shape: one number per row for NBP (a row is a block) and NTP (8 tokens) alike."""
-    from nbp_mega.data.loader import eval_batches
-
-    layout, cfg = model.layout, model.cfg
-    T, H, _ = cfg.grid
-    coords = layout.blocks.coords  # [Nv, 3] (t, h, w) of the video tokens in block order
-    row = (coords[:, 0] * H + coords[:, 1]).long()
-    first = layout.blocks.num_tokens - layout.num_targets  # targets start at this block token
-    row = row[first:]
-    total, count = torch.zeros(T * H, dtype=torch.float64), 0
-    for batch in eval_batches(val_index, batch_size=batch_size, dp_rank=0, dp_size=1,
-                              max_batches=max_batches, grid=tuple(cfg.grid),
-                              vocab_size=cfg.vocab_size):
-        ids, targets = layout.build(batch.tokens, batch.labels if layout.prefix_len else None)
-        loss = model(ids, targets).double()  # [B, Nt]
-        total.index_add_(0, row, loss.sum(dim=0))
-        count += loss.shape[0]
-    per_row = torch.bincount(row, minlength=T * H).double() * count
-    return (total / per_row.clamp(min=1)).numpy()

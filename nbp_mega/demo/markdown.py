@@ -84,14 +84,36 @@ def training_section(scale, results) -> list[str]:
             *markdown_table(["model", "block", "steps", "first train loss", "last train loss",
                              "final val loss", "median step s", "tokens/s"], rows), "",
             "![loss curves](loss_curves.png)", "",
-            "Validation loss per latent row of the predicted tokens, from the final weights "
-            "on the validation shards (NBP predicts a whole row at once from the rows before "
-            "it; NTP predicts each token from everything before it, the earlier tokens of its "
-            "own row included):", "", "![loss per row](loss_by_row.png)", "",
+            "Validation loss and top-1 accuracy per latent row of the predicted tokens, from "
+            "the final weights on the validation shards (nbp_mega.eval.per_block; NBP "
+            "predicts a whole row at once from the rows before it; NTP predicts each token "
+            "from everything before it, the earlier tokens of its own row included):", "",
+            "![loss and accuracy per row](per_block.png)", "",
             f"NBP: row 0 (from the class token alone) {nbp_rows[0]:.3f}, mean of the other "
             f"rows {sum(nbp_rows[1:]) / max(len(nbp_rows) - 1, 1):.3f}; NTP: row 0 "
             f"{ntp_rows[0]:.3f}, others {sum(ntp_rows[1:]) / max(len(ntp_rows) - 1, 1):.3f} "
-            "nats per token.", ""]
+            "nats per token; accuracy " + ", ".join(
+                f"{m.upper()} {100 * results['per_block'][m]['accuracy']:.1f}%"
+                for m in ("nbp", "ntp")) + ".", ""]
+
+
+def temporal_section(results) -> list[str]:
+    rows = []
+    for model, t in results["temporal"].items():
+        rows.append([model, t["generated"]["clips"], f"{t['generated']['mean_change']:.4f}",
+                     f"{t['mean_change_ratio']:.2f}x", f"{t['generated']['flicker']:.3f}",
+                     f"{t['flicker_ratio']:.2f}x",
+                     f"{t['worst_step']} -> {t['worst_step'] + 1} ({t['worst_step_ratio']:.2f}x)"])
+    real = next(iter(results["temporal"].values()))["real"]
+    return ["## Temporal consistency", "",
+            "Frame-to-frame change of the samples against the real validation clips "
+            "(nbp_mega.eval.temporal): mean |change| per pixel (0-1 scale), and flicker = the "
+            "std over a clip's frame steps of that change over its mean (the paper's \"screen "
+            "fluctuation\" of large blocks shows as high flicker, at block boundaries). Real "
+            f"clips: change {real['mean_change']:.4f}, flicker {real['flicker']:.3f}.", "",
+            *markdown_table(["samples", "clips", "mean change", "vs real", "flicker", "vs real",
+                             "largest step vs real"], rows), "",
+            "![frame change](temporal.png)", ""]
 
 
 def stats_section(results) -> list[str]:
@@ -176,6 +198,7 @@ def write_markdown(out: str, scale, results: dict, stages, total: float) -> str:
              "-> clips generated per class -> this report.", ""]
     for section in (stage_section(stages, total), data_section(scale, results),
                     training_section(scale, results), stats_section(results),
+                    temporal_section(results),
                     by_eye_section(scale), speed_section(results, stages),
                     files_section(results)):
         lines += section

@@ -6,8 +6,10 @@ Legend: N clips; F frames; R side in pixels; T, H, W latent grid.
     write_markdown(out, scale, results, stages, total_seconds) -> path of report.md
 
 Plots: loss_curves.png (training and validation loss of both runs, from metrics.jsonl),
-loss_by_row.png (validation loss per latent row, computed from the trained weights on the
-validation shards), contact_sheet.png (per class: real clips, NBP samples, NTP samples).
+per_block.png (validation loss and accuracy per latent row, computed from the trained weights
+on the validation shards: nbp_mega.eval.per_block), contact_sheet.png (per class: real clips,
+NBP samples, NTP samples), temporal.png (frame-to-frame change of the samples against the real
+clips: nbp_mega.eval.temporal).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import numpy as np
 
 from nbp_mega.demo import analysis
 from nbp_mega.demo.videos import CLASSES
+from nbp_mega.eval.per_block import plot_position_scores
+from nbp_mega.eval.report import plot_temporal
 
 MODELS = ("nbp", "ntp")
 COLOURS = {"nbp": "tab:blue", "ntp": "tab:orange"}
@@ -99,44 +103,44 @@ def plot_losses(out: str, path: str) -> dict:
     return summary
 
 
-def validation_loss_by_row(out: str, scale) -> dict[str, list[float]]:
-    """{model: loss per latent row} from each run's final weights on the validation shards."""
+def validation_scores(out: str, scale) -> dict[str, dict]:
+    """{model: nbp_mega.eval.per_block.position_scores} from each run's final weights on the
+    validation shards: loss and accuracy per block, latent frame and latent row."""
     import torch
 
     from nbp_mega.data.shards import ShardIndex, expand_shards
+    from nbp_mega.eval.per_block import position_scores
     from nbp_mega.generate.load import load_trained_model
     from nbp_mega.parallel.dims import ParallelConfig, init_parallel, shutdown_parallel
 
     index = ShardIndex.build(expand_shards(os.path.join(out, "shards", "val")))
     joined = not torch.distributed.is_initialized()  # an in-process caller keeps its job
-    dims, rows = init_parallel(ParallelConfig(tensor=1)), {}
+    dims, scores = init_parallel(ParallelConfig(tensor=1)), {}
     try:
         for model_name in MODELS:
             model, _ = load_trained_model(os.path.join(out, model_name), dims=dims)
-            rows[model_name] = analysis.loss_by_row(model, index, scale.global_batch,
-                                                    scale.eval_batches).tolist()
+            scores[model_name] = position_scores(model, index, batch_size=scale.global_batch,
+                                                 max_batches=scale.eval_batches, dims=dims)
     finally:
         index.close()
         if joined:
             shutdown_parallel()
-    return rows
+    return scores
 
 
-def plot_loss_by_row(rows: dict[str, list[float]], grid: list[int], path: str) -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for model, loss in rows.items():
-        ax.plot(range(len(loss)), loss, "o-", ms=3, color=COLOURS[model], label=model.upper())
-    for t in range(1, grid[0]):
-        ax.axvline(t * grid[1] - 0.5, color="grey", lw=0.8, ls=":")
-    ax.set(xlabel=f"latent row t*{grid[1]} + h of the predicted tokens (dotted: next latent "
-                  "frame)", ylabel="validation loss (nats per token)",
-           title="Validation loss per latent row (= per NBP block)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def temporal_consistency(real: list[np.ndarray], generated: dict[str, list[np.ndarray]]
+                         ) -> dict[str, dict]:
+    """{model: nbp_mega.eval.temporal.compare} of its clips against the real ones."""
+    import torch
+
+    from nbp_mega.eval.temporal import TemporalStats, compare
+
+    def stats(clips):  # uint8 [F, R, R, 3] each -> [N, 3, F, R, R] in [0, 1]
+        video = torch.from_numpy(np.stack(clips)).permute(0, 4, 1, 2, 3).float() / 255
+        return TemporalStats().update(video)
+
+    reference = stats(real)
+    return {model: compare(stats(clips), reference) for model, clips in generated.items()}
 
 
 def _strip(clips: list[np.ndarray], gap: int = 2) -> np.ndarray:
@@ -200,8 +204,10 @@ def analyse(out: str, scale, tokenizer_path: str) -> dict:
     os.makedirs(folder, exist_ok=True)
     tokenizer = load_demo_tokenizer(tokenizer_path, sha256="")  # checked by its stage
     results = {"losses": plot_losses(out, os.path.join(folder, "loss_curves.png"))}
-    results["loss_by_row"] = validation_loss_by_row(out, scale)
-    plot_loss_by_row(results["loss_by_row"], scale.grid, os.path.join(folder, "loss_by_row.png"))
+    results["per_block"] = validation_scores(out, scale)
+    results["loss_by_row"] = {m: s["row"]["loss"] for m, s in results["per_block"].items()}
+    plot_position_scores({m.upper(): s for m, s in results["per_block"].items()}, scale.grid,
+                         os.path.join(folder, "per_block.png"))
     real, labels = real_clips(out, scale, scale.samples_per_class)
     recon = reconstruct(tokenizer, real)
     shown = [i for i in range(len(real)) if i % scale.samples_per_class < 2]  # 2 per class
@@ -212,6 +218,8 @@ def analyse(out: str, scale, tokenizer_path: str) -> dict:
         samples[model] = meta
         groups[model.upper()] = (decode(tokenizer, tokens), meta["labels"])
     plot_contact_sheet(groups, os.path.join(folder, "contact_sheet.png"))
+    results["temporal"] = temporal_consistency(real, {m: groups[m][0] for m in ("NBP", "NTP")})
+    plot_temporal(results["temporal"], os.path.join(folder, "temporal.png"))
     results["stats"] = {name: analysis.class_summary(clips, y)
                         for name, (clips, y) in {"real": (real, labels),
                                                  "real through the tokenizer": (recon, labels),

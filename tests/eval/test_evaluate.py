@@ -180,3 +180,18 @@ def test_watch_evaluates_each_checkpoint_into_tensorboard(tp2_run, tmp_path, dim
     assert scalar.step == step and scalar.value == pytest.approx(r["per_block"]["loss"])
     assert tool.watch(tool.load_eval_config(args[0], [f"run={run_dir}"]), dims, str(run_dir),
                       once=True, poll=0) == 0
+
+
+@pytest.mark.parametrize("name, protocol", [("ucf101", "ucf101"), ("k600", "k600"),
+                                            ("quick", "custom")])
+def test_shipped_eval_configs_load_with_their_protocols(name, protocol):
+    from nbp_mega.eval.config import load_eval_config
+    from nbp_mega.eval.fvd import PRESETS
+
+    paths = ["run=r", "tokenizer=t", "videos=v", "fvd.detector=d"]
+    cfg = load_eval_config(f"{ROOT}/configs/eval/{name}.yaml", paths)
+    assert cfg.fvd.protocol == protocol
+    for key, value in PRESETS.get(protocol, {}).items():
+        assert getattr(cfg.fvd, key) == value, key
+    with pytest.raises(ValueError, match="need 'run'"):
+        load_eval_config(f"{ROOT}/configs/eval/{name}.yaml", paths[1:])
