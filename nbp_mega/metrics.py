@@ -30,6 +30,10 @@ class LogConfig:
     profile_steps: int = option(0, "profile this many steps with torch.profiler and write the "
                                 "time breakdown to <run_dir>/profile/ (0 = off)", min=0)
     profile_start: int = option(3, "first profiled step (after warm-up)", min=1)
+    eval_config: str = option("", "evaluation YAML (configs/eval/) run on each checkpoint as "
+                              "it is saved, by `python -m nbp_mega.eval --watch` beside the "
+                              "training (rank 0 starts it; files in <run_dir>/eval, numbers "
+                              "in <run_dir>/tensorboard/eval, its log <run_dir>/eval.log)")
 
 
 def _timed_matmul_tflops(a: torch.Tensor, b: torch.Tensor, seconds: float) -> float:

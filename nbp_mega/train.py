@@ -212,16 +212,60 @@ def main(argv: list[str] | None = None) -> None:
              if stage else "")
     trainer.metrics = MetricsLogger(cfg.run_dir, cfg.log, enabled=dims.is_main,
                                     total_steps=cfg.train.steps, start_step=trainer.step)
+    evaluation = maybe_start_evaluation(cfg, dims)
     try:
         trainer.train()
     finally:
         trainer.metrics.close()
+    if evaluation is not None and trainer.step >= cfg.train.steps:
+        # it ends after the last step's checkpoint; stopped earlier (train.stop_at), it ends
+        # after a last pass once this process has
+        log.info("waiting for the evaluation of the last checkpoints (%s)",
+                 os.path.join(cfg.run_dir, "eval.log"))
+        if evaluation.wait():
+            log.warning("the evaluation exited with code %d: see %s", evaluation.returncode,
+                        os.path.join(cfg.run_dir, "eval.log"))
     if dims.is_main:
         print(f"run directory: {os.path.abspath(cfg.run_dir)}\n"
               f"  metrics:     {trainer.metrics.path}\n"
               f"  tensorboard: tensorboard --logdir {trainer.metrics.tb_dir}\n"
               f"  checkpoints: {checkpointer.dir}", flush=True)
     shutdown_parallel()
+
+
+# Variables that make a process part of this job: the evaluation is a job of its own.
+JOB_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+                 "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "CROSS_RANK",
+                 "CROSS_SIZE", "LOCAL_SIZE")
+
+
+def evaluation_command(cfg) -> list[str]:
+    """`python -m nbp_mega.eval` watching this run's checkpoints while this process lives."""
+    run_dir = os.path.abspath(cfg.run_dir)
+    return [sys.executable, "-m", "nbp_mega.eval", os.path.abspath(cfg.log.eval_config),
+            f"run={run_dir}", f"out={os.path.join(run_dir, 'eval')}", "--watch", run_dir,
+            "--poll", "10", "--until-pid", str(os.getpid())]
+
+
+def maybe_start_evaluation(cfg, dims):
+    """log.eval_config: its config checked on every rank (a bad one fails the job at start),
+    then rank 0 starts the evaluation beside the training -> the process, or None."""
+    import subprocess
+
+    from nbp_mega.eval.config import load_eval_config
+
+    if not cfg.log.eval_config:
+        return None
+    command = evaluation_command(cfg)
+    load_eval_config(cfg.log.eval_config, command[4:6])
+    if not dims.is_main:
+        return None
+    env = {k: v for k, v in os.environ.items() if k not in JOB_VARIABLES}
+    out = open(os.path.join(cfg.run_dir, "eval.log"), "a")  # noqa: SIM115 (the child's)
+    log.info("evaluating each checkpoint beside the training: %s (log %s)", " ".join(command),
+             out.name)
+    return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)  # a launcher's signals stay with us
 
 
 if __name__ == "__main__":

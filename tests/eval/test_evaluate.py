@@ -5,10 +5,10 @@ and --watch over a training run's checkpoints with TensorBoard scalars."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -32,7 +32,7 @@ from tests.data.videos import write_video
 from tests.eval.detector_standin import write_standin
 from tests.generate.test_sample_cli import write_tokenizer
 from tests.test_bench_tools import load_tool
-from tests.test_train import ROOT
+from tests.test_train import JOB_VARS, ROOT, run
 from tests.test_train_cli import TINY
 
 FRAMES = 4  # of the 5 a 2-frame latent grid decodes to (tokenizer time downsample 4)
@@ -71,11 +71,43 @@ def parts(tmp_path_factory, dims):
     return tmp
 
 
-def test_the_command_writes_every_number_with_the_protocol_and_checksums(parts):
+@contextlib.contextmanager
+def one_thread():
+    """As each rank of a job runs (OMP_NUM_THREADS=1): fp32 sums in the same order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def single(parts, dims) -> dict:
+    """Every metric in this process (one rank): results.json."""
+    with one_thread():
+        assert load_tool("evaluate").main([str(parts / "eval.yaml"),
+                                           f"out={parts / 'single'}"]) == 0
+    return json.loads((parts / "single" / "results.json").read_text())
+
+
+@pytest.mark.distributed
+def test_the_command_on_two_ranks_writes_every_number_with_protocol_and_checksums(parts,
+                                                                                  single):
+    """torchrun, 2 ranks: every FVD set and the validation batches split between them, the
+    numbers of one rank's run; the files record the protocol and the inputs' checksums."""
     out = parts / "cli"
-    subprocess.run([sys.executable, f"{ROOT}/tools/evaluate.py", str(parts / "eval.yaml"),
-                    f"out={out}"], check=True, cwd=parts, timeout=600)
+    env = {k: v for k, v in os.environ.items() if k not in JOB_VARS}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                    f"{ROOT}/tools/evaluate.py", str(parts / "eval.yaml"), f"out={out}"],
+                   check=True, cwd=parts, timeout=600, env={**env, "OMP_NUM_THREADS": "1"})
     r = json.loads((out / "results.json").read_text())
+    assert r["fvd"]["folds"] == pytest.approx(single["fvd"]["folds"], rel=1e-6)
+    for view in ("row", "frame"):
+        for key in ("loss", "accuracy"):
+            assert r["per_block"][view][key] == pytest.approx(single["per_block"][view][key],
+                                                              rel=1e-5)
+    assert r["temporal"]["profile_ratio"] == pytest.approx(single["temporal"]["profile_ratio"])
     assert r["config"]["fvd"]["samples"] == 6 and r["config"]["fvd"]["protocol"] == "custom"
     assert r["fvd"]["detector"]["sha256"] == sha256_file(parts / "i3d_torchscript.pt")
     assert r["tokenizer"]["sha256"] == load_video_tokenizer(str(parts / "tok32.pt")).checksum()
@@ -87,7 +119,7 @@ def test_the_command_writes_every_number_with_the_protocol_and_checksums(parts):
     for f in range(2):
         stats, meta = load_stats(out / "stats" / f"generated_fold{f}.npz")
         assert stats.count == 6 and meta["set"]["slice"] == [6 * f, 6 * (f + 1)]
-        assert r["fvd"]["folds"][f] == pytest.approx(stats_distance(reference, stats), rel=1e-12)
+        assert r["fvd"]["folds"][f] == pytest.approx(stats_distance(reference, stats), rel=1e-8)
     assert r["fvd"]["fvd"] == pytest.approx(np.mean(r["fvd"]["folds"])) and r["fvd"]["fvd"] > 0
     assert r["per_block"]["clips"] == 8 and len(r["per_block"]["frame"]["loss"]) == 2
     assert r["temporal"]["generated"]["clips"] == 3 and len(r["temporal"]["profile_ratio"]) == 4
@@ -97,14 +129,15 @@ def test_the_command_writes_every_number_with_the_protocol_and_checksums(parts):
     for png in ("per_block.png", "temporal.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert not [p for p in os.listdir(out / "stats") if "rank" in p]  # states cleaned up
+    assert sorted(p for p in os.listdir(out / "stats")) == [
+        "generated_fold0.npz", "generated_fold1.npz", "reference.npz"]
 
 
-def test_an_interrupted_evaluation_resumes_to_the_same_numbers(parts, dims, monkeypatch):
+def test_an_interrupted_evaluation_resumes_to_the_same_numbers(parts, single, monkeypatch):
     """In process: generation stops at its 5th batch (fold 0 done, fold 1 half saved); the
     rerun generates only what no saved state holds and ends with the uninterrupted numbers."""
     tool = load_tool("evaluate")
     config = [str(parts / "eval.yaml"), "metrics=[fvd]"]
-    assert tool.main([*config, f"out={parts / 'whole'}"]) == 0
     calls = {"n": 0, "fail_at": 5}
     original = GeneratedClips.tokens
 
@@ -115,14 +148,14 @@ def test_an_interrupted_evaluation_resumes_to_the_same_numbers(parts, dims, monk
         return original(self, lo, hi)
 
     monkeypatch.setattr(GeneratedClips, "tokens", counted)
-    with pytest.raises(KeyboardInterrupt):
+    with one_thread(), pytest.raises(KeyboardInterrupt):
         tool.main([*config, f"out={parts / 'cut'}"])
     calls.update(n=0, fail_at=None)
-    assert tool.main([*config, f"out={parts / 'cut'}"]) == 0
+    with one_thread():
+        assert tool.main([*config, f"out={parts / 'cut'}"]) == 0
     assert calls["n"] == 2  # fold 1's last two batches; fold 0 and the reference were saved
-    whole, cut = (json.loads((parts / d / "results.json").read_text())["fvd"]
-                  for d in ("whole", "cut"))
-    assert cut["folds"] == whole["folds"]  # exact
+    cut = json.loads((parts / "cut" / "results.json").read_text())["fvd"]
+    assert cut["folds"] == single["fvd"]["folds"]  # exact
 
 
 def test_frame_prediction_continues_each_real_clip(parts, dims):
@@ -158,28 +191,42 @@ def test_bad_input_is_refused_naming_what_was_wrong(parts, capsys, override, mes
     assert re.search(message, capsys.readouterr().err)
 
 
-def test_watch_evaluates_each_checkpoint_into_tensorboard(tp2_run, tmp_path, dims):
-    """--watch --once over a training run (TP=2 x DP=2, ZeRO-3): its checkpoint evaluated
-    (validation by position), eval/ scalars at the checkpoint's step; a second pass finds
-    nothing new."""
+@pytest.mark.distributed
+def test_training_evaluates_each_checkpoint_beside_it(parts, tmp_path, dims):
+    """log.eval_config: the training job (ZeRO-3) starts `python -m nbp_mega.eval --watch`,
+    which scores the checkpoints of steps 2 and 4 as they appear, into RUN/eval/ and
+    RUN/tensorboard/eval at their steps; the job ends after the last one's evaluation. A
+    second pass finds nothing new."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run_dir = tmp_path / "run"
-    shutil.copytree(tp2_run, run_dir)
+    from nbp_mega.eval import cli
+
     (tmp_path / "watch.yaml").write_text(yaml.safe_dump(
-        {"metrics": ["per_block"], "out": str(tmp_path / "evals"),
-         "per_block": {"batch_size": 4, "max_batches": 2}}))
-    tool = load_tool("evaluate")
-    args = [str(tmp_path / "watch.yaml"), "--watch", str(run_dir), "--once"]
-    assert tool.main(args) == 0
-    (step, name), = tool.checkpoints(str(run_dir))
-    r = json.loads((tmp_path / "evals" / name / "results.json").read_text())
+        {"metrics": ["per_block", "temporal"], "tokenizer": str(parts / "tok32.pt"),
+         "videos": str(parts / "videos"), "temporal": {"clips": 2},
+         "fvd": {"resolution": 32, "frames": FRAMES, "batch_size": 2},
+         "per_block": {"batch_size": 4, "max_batches": 1}}))
+    run_dir = tmp_path / "run"
+    run([sys.executable, "-m", "nbp_mega.train", f"{ROOT}/configs/tiny.yaml",
+         f"run_dir={run_dir}", "model.layers=2", "model.hidden=32", "model.heads=4",
+         "model.grid=[2,4,4]", "model.block_shape=[1,1,4]", "model.vocab_size=32",
+         "model.num_classes=4", "train.steps=4", "train.global_batch=4", "train.save_every=2",
+         "train.eval_every=0", f"data.shards={parts}/shards/train",
+         f"data.val_shards={parts}/shards/val", "data.num_workers=0", "log.peak_tflops=1",
+         "log.progress=false", f"log.eval_config={tmp_path / 'watch.yaml'}"], cwd=tmp_path)
     events = EventAccumulator(str(run_dir / "tensorboard" / "eval"))
     events.Reload()
-    (scalar,) = events.Scalars("eval/val_loss")
-    assert scalar.step == step and scalar.value == pytest.approx(r["per_block"]["loss"])
-    assert tool.watch(tool.load_eval_config(args[0], [f"run={run_dir}"]), dims, str(run_dir),
-                      once=True, poll=0) == 0
+    scored = {e.step: e.value for e in events.Scalars("eval/val_loss")}
+    assert sorted(scored) == [2, 4]
+    for step, loss in scored.items():
+        r = json.loads((run_dir / "eval" / f"step_{step:08d}" / "results.json").read_text())
+        assert r["per_block"]["loss"] == pytest.approx(loss)
+        assert r["model"]["path"].endswith(f"step_{step:08d}") and r["temporal"]["real"]
+    assert scored[4] != scored[2]  # two different checkpoints' weights
+    assert "evaluated step_00000004" in (run_dir / "eval.log").read_text()
+    cfg = cli.load_eval_config(str(tmp_path / "watch.yaml"), [f"run={run_dir}",
+                                                             f"out={run_dir / 'eval'}"])
+    assert cli.watch(cfg, dims, str(run_dir), once=True, poll=0) == 0
 
 
 @pytest.mark.parametrize("name, protocol", [("ucf101", "ucf101"), ("k600", "k600"),

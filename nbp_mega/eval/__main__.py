@@ -1,0 +1,5 @@
+import sys
+
+from nbp_mega.eval.cli import main
+
+sys.exit(main())
