@@ -37,7 +37,7 @@ STEP = re.compile(r"^step_(\d{8})$")
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("config", help="evaluation YAML (configs/eval/)")
+    p.add_argument("config", nargs="?", help="evaluation YAML (configs/eval/)")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. fvd.samples=256")
     p.add_argument("--watch", metavar="RUN_DIR", default=None,
                    help="evaluate every checkpoint of this run as it is written")
@@ -45,7 +45,15 @@ def parse_args(argv):
     p.add_argument("--poll", type=float, default=300.0, help="--watch: seconds between looks")
     p.add_argument("--until-pid", type=int, default=None,
                    help="--watch: stop once this process has ended (after a last pass)")
-    return p.parse_args(argv)
+    p.add_argument("--compare", nargs="+", metavar="OUT", default=None,
+                   help="tables and plots of these evaluations side by side (into --out)")
+    p.add_argument("--out", default=None, help="--compare: output folder")
+    args = p.parse_args(argv)
+    if (args.compare is None) == (args.config is None):
+        p.error("expected CONFIG (an evaluation) or --compare OUT ... --out DIR, one of them")
+    if args.compare is not None and not args.out:
+        p.error("--compare needs --out DIR")
+    return args
 
 
 def run_once(cfg, dims) -> dict:
@@ -129,6 +137,16 @@ def main(argv=None) -> int:
     from nbp_mega.parallel.dims import ParallelConfig, init_parallel, shutdown_parallel
 
     args = parse_args(argv)
+    if args.compare:
+        from nbp_mega.eval.report import write_comparison
+
+        try:
+            files = write_comparison(args.compare, args.out)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"evaluate.py: error: {e}", file=sys.stderr)
+            return 2
+        print(f"{args.out}: {', '.join(files.values())}")
+        return 0
     try:
         overrides = list(args.overrides)
         if args.watch:

@@ -13,7 +13,6 @@ from nbp_mega.eval.fvd import FVDConfig, fvd_config
 from nbp_mega.generate.sampling import SamplingConfig
 
 METRICS = ("fvd", "per_block", "temporal", "tokenizer")
-NEEDS_MODEL = ("fvd", "per_block", "temporal")
 NEEDS_VIDEOS = ("fvd", "temporal", "tokenizer")
 
 
@@ -42,6 +41,9 @@ class EvalConfig:
     tokenizer: str = option("", "video tokenizer (file or preset) the model's shards used")
     videos: str = option("", "folder of real videos: FVD reference set, frame-prediction "
                          "contexts, tokenizer reconstructions")
+    generated: str = option("", "folder of generated videos (say, another model's samples) "
+                            "evaluated instead of sampling `run` (fvd, temporal): the first "
+                            "frames of each file, one clip per file, in file order")
     out: str = option("runs/eval", "output folder: results.json, summary.md, plots, stats/")
     reference_stats: str = option("", "the reference set's statistics file (empty: "
                                   "OUT/stats/reference.npz); reused when it records this "
@@ -63,8 +65,9 @@ class EvalConfig:
         if unknown or not self.metrics:
             raise ConfigError(f"metrics={self.metrics}: expected a non-empty list of "
                               f"{', '.join(METRICS)}")
-        needs = {"run": NEEDS_MODEL, "videos": NEEDS_VIDEOS, "tokenizer": ("fvd", "temporal",
-                                                                          "tokenizer")}
+        generating = () if self.generated else ("fvd", "temporal")  # else: the model samples
+        needs = {"run": ("per_block", *generating), "videos": NEEDS_VIDEOS,
+                 "tokenizer": ("tokenizer", *generating)}
         for key, metrics in needs.items():
             used = [m for m in self.metrics if m in metrics]
             if used and not getattr(self, key):

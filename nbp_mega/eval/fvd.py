@@ -38,8 +38,9 @@ FEATURE_FIELDS = ("frames", "eval_resolution")
 class FVDConfig:
     """An FVD protocol: presets fill every field; keys given beside `protocol` override it."""
 
-    protocol: str = option("custom", "ucf101 | k600 (the paper's) | custom (these fields)",
-                           choices=["ucf101", "k600", "custom"])
+    protocol: str = option("custom", "ucf101 | k600 (the paper's) | fvd2048_16f (StyleGAN-V's "
+                           "metric) | custom (these fields)",
+                           choices=["ucf101", "k600", "fvd2048_16f", "custom"])
     detector: str = option("", "path of StyleGAN-V's i3d_torchscript.pt (nothing downloaded)")
     detector_sha256: str = option("", "pin: refuse a detector file of another sha256 "
                                   "(empty: record the file's checksum, do not check)")
@@ -83,6 +84,9 @@ PRESETS = {
                    folds=4, reference_clips=10_000, context_frames=0),
     "k600": dict(frames=16, resolution=128, eval_resolution=64, fps=0.0, samples=50_000,
                  folds=4, reference_clips=50_000, context_frames=5),
+    # StyleGAN-V's fvd2048_16f: 2048 generated vs 2048 real clips of 16 frames, one fold (the
+    # size stays the config's)
+    "fvd2048_16f": dict(frames=16, samples=2048, folds=1, reference_clips=2048),
 }
 
 

@@ -19,6 +19,11 @@ def _fmt(x, digits: int = 4) -> str:
     return "n/a" if x is None else f"{x:.{digits}g}"
 
 
+def model_name(name: str, path: str) -> str:
+    """The label of an evaluated model: its config's name, else its file or folder name."""
+    return name or os.path.basename(os.path.normpath(path)) if (name or path) else "model"
+
+
 def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}%"
 
@@ -30,7 +35,7 @@ def write_results(cfg, results: dict) -> dict:
     os.makedirs(cfg.out, exist_ok=True)
     files = {"results": os.path.join(cfg.out, "results.json"),
              "summary": os.path.join(cfg.out, "summary.md")}
-    name = cfg.name or os.path.basename(os.path.normpath(cfg.run)) or "model"
+    name = model_name(cfg.name, cfg.run or cfg.generated)
     if results.get("per_block"):
         files["per_block_plot"] = os.path.join(cfg.out, "per_block.png")
         plot_position_scores({name: results["per_block"]}, results["model"]["grid"],
@@ -146,3 +151,73 @@ def scalars(results: dict) -> dict[str, float]:
     if results.get("tokenizer_reconstruction"):
         out["eval/tokenizer_psnr"] = results["tokenizer_reconstruction"]["psnr"]
     return out
+
+
+# -- several evaluations side by side --------------------------------------------------------
+PROTOCOL_KEYS = ("protocol", "frames", "resolution", "eval_resolution", "fps", "samples",
+                 "folds", "reference_clips", "context_frames")
+
+
+def write_comparison(result_dirs: list[str], out: str) -> dict:
+    """OUT/comparison.md (+ per_block.png, temporal.png) of evaluations' results.json: one
+    table row per model; FVDs of another protocol or detector than the first are marked."""
+    from nbp_mega.eval.per_block import plot_position_scores
+
+    runs = {}
+    for d in result_dirs:
+        path = os.path.join(d, "results.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{d}: no results.json (expected an evaluation's OUT folder)")
+        with open(path) as f:
+            r = json.load(f)
+        name = model_name(r["config"]["name"], r["config"]["run"] or r["config"]["generated"])
+        if name in runs:  # the same model evaluated twice (another protocol, checkpoint...)
+            name = f"{name} ({os.path.basename(os.path.normpath(d))})"
+        runs[name] = r
+    os.makedirs(out, exist_ok=True)
+    files = {"comparison": os.path.join(out, "comparison.md")}
+    blocks = {k: r for k, r in runs.items() if r.get("per_block")}
+    if blocks:
+        grids = {tuple(r["model"]["grid"]) for r in blocks.values()}
+        if len(grids) > 1:
+            raise ValueError(f"per-block scores of different latent grids {sorted(grids)}: "
+                             "expected models of one grid")
+        files["per_block_plot"] = os.path.join(out, "per_block.png")
+        plot_position_scores({k: r["per_block"] for k, r in blocks.items()}, list(grids.pop()),
+                             files["per_block_plot"])
+    temporal = {k: r["temporal"] for k, r in runs.items() if r.get("temporal")}
+    if temporal:
+        files["temporal_plot"] = os.path.join(out, "temporal.png")
+        plot_temporal(temporal, files["temporal_plot"])
+    with open(files["comparison"], "w") as f:
+        f.write("\n".join(comparison_lines(runs, files)) + "\n")
+    return files
+
+
+def _protocol(r: dict) -> tuple:
+    p = r["config"]["fvd"]
+    return (tuple(p[k] for k in PROTOCOL_KEYS), r["fvd"]["detector"]["sha256"])
+
+
+def comparison_lines(runs: dict[str, dict], files: dict) -> list[str]:
+    first = next((_protocol(r) for r in runs.values() if r.get("fvd")), None)
+    rows = []
+    for name, r in runs.items():
+        f, b, t = r.get("fvd"), r.get("per_block"), r.get("temporal")
+        mark = "" if not f or _protocol(r) == first else " (other protocol)"
+        rows.append([name, f"{f['fvd']:.2f} +- {f['fvd_std']:.2f}{mark}" if f else "n/a",
+                     f"{b['loss']:.4f}" if b else "n/a", _pct(b["accuracy"]) if b else "n/a",
+                     f"{t['flicker_ratio']:.2f}x" if t else "n/a",
+                     f"{t['mean_change_ratio']:.2f}x" if t else "n/a"])
+    lines = ["# Evaluations compared", "",
+             *markdown_table(["model", "FVD", "val loss", "val accuracy", "flicker vs real",
+                              "change vs real"], rows)]
+    if first is not None:
+        lines += ["", "FVD protocol: " + ", ".join(f"{k} {v}" for k, v in
+                                                    zip(PROTOCOL_KEYS, first[0], strict=True))
+                  + f"; detector sha256 `{first[1][:16]}`."]
+    for key, title in (("per_block_plot", "![per latent row](per_block.png)"),
+                       ("temporal_plot", "![frame change](temporal.png)")):
+        if key in files:
+            lines += ["", title]
+    return lines

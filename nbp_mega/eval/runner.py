@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from nbp_mega.checksums import sha256_tensors
-from nbp_mega.eval.config import NEEDS_MODEL, EvalConfig
+from nbp_mega.eval.config import EvalConfig
 from nbp_mega.eval.frechet import stats_distance
 from nbp_mega.eval.fvd import Slice, set_statistics
 from nbp_mega.eval.sources import GeneratedClips, RealClips
@@ -44,7 +44,8 @@ def load(cfg: EvalConfig, dims) -> Loaded:
     from nbp_mega.tokenizer.video import load_video_tokenizer
 
     out = Loaded()
-    if any(cfg.wants(m) for m in NEEDS_MODEL):
+    samples_model = not cfg.generated and (cfg.wants("fvd") or cfg.wants("temporal"))
+    if cfg.run and (cfg.wants("per_block") or samples_model):
         path = os.path.abspath(cfg.run)
         if not os.path.isfile(path):
             _, path = resolve_checkpoint(path, cfg.checkpoint or None)
@@ -89,10 +90,16 @@ def fvd_sets(cfg: EvalConfig, loaded: Loaded, dims) -> dict:
             "detector": detector.describe()}
 
 
-def _generated(cfg: EvalConfig, loaded: Loaded, *, count: int, frames: int) -> GeneratedClips:
+def _generated(cfg: EvalConfig, loaded: Loaded, *, count: int, frames: int
+               ) -> GeneratedClips | RealClips:
+    """The clips to evaluate: the model's samples, or the first frames of the files in
+    cfg.generated."""
     from nbp_mega.generate.outputs import check_tokenizer
 
     p = cfg.fvd
+    if cfg.generated:
+        return RealClips(cfg.generated, count=count, frames=frames, resolution=p.resolution,
+                         first=True)
     size = check_tokenizer(loaded.tokenizer, loaded.model.cfg)
     if size != (p.resolution, p.resolution):
         raise ValueError(f"the model generates {size[0]}x{size[1]} frames (grid through the "

@@ -24,13 +24,17 @@ from nbp_mega.data.video import ClipSpec, VideoError, iter_clips, list_videos, p
 class RealClips:
     """`count` clips of `frames` frames: clip i is a random window (seeded by seed and i //
     V) of video order[i % V], order a seeded permutation of the V videos long enough for one
-    clip. Every video is probed once, at construction; the too short are listed in `skipped`."""
+    clip. Every video is probed once, at construction; the too short are listed in `skipped`.
+
+    first=True (a folder of samples, e.g. another model's): clip i is the first `frames`
+    frames of the i-th usable video in file order, each video once."""
 
     def __init__(self, root: str, *, count: int, frames: int, resolution: int,
-                 fps: float | None = None, seed: int = 0):
-        self.root, self.count, self.seed = os.path.abspath(root), count, seed
+                 fps: float | None = None, seed: int = 0, first: bool = False):
+        self.root, self.count, self.seed, self.first = os.path.abspath(root), count, seed, first
         self.spec = ClipSpec(frames=frames, resolution=resolution, fps=fps or None,
-                             sampling="random", clips_per_video=1, seed=seed)
+                             sampling="stride" if first else "random", clips_per_video=1,
+                             seed=seed)
         self.spec.check()
         paths = list_videos(root)
         self.usable, self.skipped = [], []
@@ -47,7 +51,12 @@ class RealClips:
         if not self.usable:
             raise VideoError(f"{root}: none of its {len(paths)} videos gives a clip of {frames} "
                              f"frames ({'; '.join(self.skipped[:3]) or 'no video files'})")
-        self.order = np.random.default_rng(seed).permutation(len(self.usable))
+        if first and count > len(self.usable):
+            raise VideoError(f"{root}: {len(self.usable)} videos of at least {frames} frames "
+                             f"(of {len(paths)}), the protocol evaluates {count}: expected one "
+                             "video per clip")
+        self.order = np.arange(len(self.usable)) if first else \
+            np.random.default_rng(seed).permutation(len(self.usable))
 
     def __len__(self) -> int:
         return self.count
@@ -66,7 +75,8 @@ class RealClips:
     def describe(self) -> dict:
         names = "\n".join(f"{os.path.relpath(v.path, self.root)}:{os.path.getsize(v.path)}"
                           for v in self.usable)
-        return {"kind": "videos", "root": self.root, "videos": len(self.usable),
+        return {"kind": "videos", "first_frames": self.first, "root": self.root,
+                "videos": len(self.usable),
                 "files_sha256": hashlib.sha256(names.encode()).hexdigest()[:16],
                 "count": self.count, "frames": self.spec.frames,
                 "resolution": self.spec.resolution, "fps": self.spec.fps, "seed": self.seed}

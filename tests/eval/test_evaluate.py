@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -242,3 +243,40 @@ def test_shipped_eval_configs_load_with_their_protocols(name, protocol):
         assert getattr(cfg.fvd, key) == value, key
     with pytest.raises(ValueError, match="need 'run'"):
         load_eval_config(f"{ROOT}/configs/eval/{name}.yaml", paths[1:])
+
+
+def test_a_folder_of_generated_videos_is_evaluated_without_a_model(parts, tmp_path):
+    """generated=DIR (another model's samples): FVD and temporal consistency of its files'
+    first frames, no model or tokenizer loaded; a folder with fewer usable files than the
+    protocol's clips is refused."""
+    from nbp_mega.eval import cli
+
+    out = tmp_path / "folder"
+    base = [str(parts / "eval.yaml"), "run=", "tokenizer=", f"generated={parts / 'videos'}",
+            "metrics=[fvd,temporal]", "fvd.samples=5", "fvd.folds=1", "temporal.clips=2"]
+    assert cli.main([*base, f"out={out}"]) == 0
+    r = json.loads((out / "results.json").read_text())
+    assert r["model"] is None and r["tokenizer"] is None and r["fvd"]["fvd"] > 0
+    _, meta = load_stats(out / "stats" / "generated_fold0.npz")
+    assert meta["set"]["first_frames"] and meta["set"]["videos"] == 5
+    assert r["temporal"]["generated"]["clips"] == 2
+    assert cli.main([*base, f"out={tmp_path / 'few'}", "fvd.samples=6"]) == 2
+
+
+def test_evaluations_compared_side_by_side(parts, single, tmp_path):
+    """--compare: one row per evaluation (the same model twice gets its folder's name), the
+    plots of both; an FVD of another protocol is marked."""
+    from nbp_mega.eval import cli
+
+    other = tmp_path / "other"
+    shutil.copytree(parts / "single", other)
+    r = json.loads((other / "results.json").read_text())
+    r["config"]["fvd"]["frames"] = 3
+    (other / "results.json").write_text(json.dumps(r))
+    out = tmp_path / "compared"
+    assert cli.main(["--compare", str(parts / "single"), str(other), "--out", str(out)]) == 0
+    table = (out / "comparison.md").read_text()
+    assert f"| model.pt | {single['fvd']['fvd']:.2f} +- " in table
+    assert "| model.pt (other) | " in table and "(other protocol)" in table
+    assert (out / "per_block.png").exists() and (out / "temporal.png").exists()
+    assert cli.main(["--compare", str(tmp_path / "missing"), "--out", str(out)]) == 2

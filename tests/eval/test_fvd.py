@@ -213,6 +213,9 @@ def test_protocol_presets_and_their_overrides():
     assert (ucf.samples, ucf.folds, ucf.fps, ucf.frames, ucf.resolution) == (10_000, 4, 8, 16, 128)
     k600 = fvd_config({"protocol": "k600", "samples": 64})
     assert (k600.samples, k600.eval_resolution, k600.context_frames) == (64, 64, 5)
+    stylegan = fvd_config({"protocol": "fvd2048_16f", "resolution": 256})
+    assert (stylegan.samples, stylegan.reference_clips, stylegan.folds, stylegan.resolution) \
+        == (2048, 2048, 1, 256)
     with pytest.raises(ValueError, match="unknown config key 'fvd.sample'"):
         fvd_config({"sample": 3})
     with pytest.raises(ValueError, match="fvd.context_frames=16"):
