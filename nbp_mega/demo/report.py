@@ -22,19 +22,11 @@ import numpy as np
 from nbp_mega.demo import analysis
 from nbp_mega.demo.videos import CLASSES
 from nbp_mega.eval.per_block import plot_position_scores
+from nbp_mega.eval.plots import pyplot, save
 from nbp_mega.eval.report import plot_temporal
 
 MODELS = ("nbp", "ntp")
 COLOURS = {"nbp": "tab:blue", "ntp": "tab:orange"}
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 # -- inputs ----------------------------------------------------------------------------------
@@ -79,7 +71,7 @@ def plot_losses(out: str, path: str) -> dict:
     """Training loss per step and validation loss per evaluation, both models -> finals."""
     from nbp_mega.metrics import read_metrics
 
-    plt, summary = _plt(), {}
+    plt, summary = pyplot(), {}
     fig, ax = plt.subplots(figsize=(7, 4))
     for model in MODELS:
         train, evals = read_metrics(os.path.join(out, model, "metrics.jsonl"))
@@ -95,11 +87,7 @@ def plot_losses(out: str, path: str) -> dict:
                                                                   for r in train]))}
     ax.set(xlabel="optimizer step", ylabel="loss (nats per token)", ylim=(0, None),
            title="Loss: NBP (rows of 8) vs NTP (1x1x1), same data and steps")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path, legends=[ax])
     return summary
 
 
@@ -155,7 +143,7 @@ def _strip(clips: list[np.ndarray], gap: int = 2) -> np.ndarray:
 
 def plot_contact_sheet(groups: dict[str, tuple[list[np.ndarray], list[int]]], path: str) -> None:
     """One panel per class (2 x 2); rows: each group's clips of that class, in group order."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(12, 10))
     for k, (ax, cls) in enumerate(zip(axes.flat, CLASSES, strict=True)):
         clips, names = [], []
@@ -172,9 +160,7 @@ def plot_contact_sheet(groups: dict[str, tuple[list[np.ndarray], list[int]]], pa
         ax.set_xlabel("frame", fontsize=8)
     fig.suptitle("Per class: validation clips (real), the same through the tokenizer (tok), "
                  "and generated clips (NBP, NTP)", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
 
 
 # -- numbers ---------------------------------------------------------------------------------

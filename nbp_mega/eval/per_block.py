@@ -100,12 +100,9 @@ def position_scores(model, val_index, *, batch_size: int, max_batches: int, dims
 def plot_position_scores(scores: dict[str, dict], grid, path: str) -> None:
     """PNG: loss and accuracy per latent row (dotted lines: the next latent frame) for each
     model of `scores` {name: position_scores(...)}."""
-    import matplotlib
+    from nbp_mega.eval.plots import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = pyplot().subplots(1, 2, figsize=(11, 4))
     for name, s in scores.items():
         for ax, key in zip(axes, ("loss", "accuracy"), strict=True):
             values = np.array([np.nan if x is None else x for x in s["row"][key]])
@@ -115,9 +112,5 @@ def plot_position_scores(scores: dict[str, dict], grid, path: str) -> None:
         for t in range(1, grid[0]):
             ax.axvline(t * grid[1] - 0.5, color="grey", lw=0.8, ls=":")
         ax.set(xlabel=f"latent row t*{grid[1]} + h of the predicted tokens", ylabel=what)
-        ax.grid(alpha=0.3)
-        ax.legend()
     fig.suptitle("Validation scores per latent row (dotted: the next latent frame)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path, legends=axes)

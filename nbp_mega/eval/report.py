@@ -113,23 +113,16 @@ def summary_lines(name: str, cfg, r: dict, files: dict) -> list[str]:
 
 def plot_temporal(temporal: dict[str, dict], path: str) -> None:
     """PNG: mean frame change per step of each model's generated clips and of the real ones."""
-    import matplotlib
+    from nbp_mega.eval.plots import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = pyplot().subplots(figsize=(7, 4))
     real = next(iter(temporal.values()))["real"]["profile"]
     ax.plot(np.arange(len(real)), real, "k--", label="real")
     for name, t in temporal.items():
         ax.plot(np.arange(len(real)), t["generated"]["profile"], "o-", ms=3, label=name)
     ax.set(xlabel="frame t -> t + 1", ylabel="mean |change| per pixel (0-1 scale)",
            title="Frame-to-frame change: generated vs real clips")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path, legends=[ax])
 
 
 def scalars(results: dict) -> dict[str, float]:
