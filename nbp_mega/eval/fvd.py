@@ -148,8 +148,10 @@ class Slice:
 
 
 def batch_features(detector: Detector, videos: torch.Tensor, cfg: FVDConfig) -> torch.Tensor:
-    """Videos [B, 3, T, H, W] in [0, 1] -> detector features [B, D] float64."""
-    x = prepare(videos, frames=cfg.frames, resolution=cfg.eval_resolution or None)
+    """Videos [B, 3, T, H, W] in [0, 1] -> detector features [B, D] float64 (resized on the
+    detector's device: on a GPU the 224 x 224 frames never exist on the host)."""
+    x = prepare(videos.to(detector.device), frames=cfg.frames,
+                resolution=cfg.eval_resolution or None)
     return detector.features(x)
 
 

@@ -8,6 +8,9 @@ import dataclasses
 import hashlib
 import math
 import os
+import pathlib
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -88,8 +91,21 @@ def test_published_layout_matches_reference_table():
     assert PRESETS["nbp-magvit2"].downsample == (4, 8, 8)
 
 
-def test_published_file_loads_strictly_and_runs(tmp_path):
+@pytest.fixture
+def memory_tmp(tmp_path):
+    """A folder in RAM (/dev/shm) when it has room: the published-size file is 1.5 GB, which
+    this machine's disk writes at ~100 MB/s (15 s a copy); else tmp_path."""
+    shm = "/dev/shm"
+    if os.path.isdir(shm) and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free > 4e9:
+        with tempfile.TemporaryDirectory(dir=shm) as d:
+            yield pathlib.Path(d)
+    else:
+        yield tmp_path
+
+
+def test_published_file_loads_strictly_and_runs(memory_tmp):
     """The published format: torch.save({'model_state_dict': {'module.<key>': ...}})."""
+    tmp_path = memory_tmp
     torch.manual_seed(0)
     with torch.device("meta"):
         model = Magvit2(PRESETS["nbp-magvit2"])
@@ -111,11 +127,12 @@ def test_published_file_loads_strictly_and_runs(tmp_path):
     tokens = tok.encode(video)
     assert tokens.shape == (1, 2, 2, 2) and tokens.dtype == torch.long
     assert tok.decode(tokens).shape == (1, 3, 5, 16, 16)
-    del model, tok, loaded
-    # the same file with one tensor dropped or reshaped is another architecture
-    blob = torch.load(path, weights_only=True)
-    blob["model_state_dict"].pop("module.decoder_layers.29.conv.bias")
-    torch.save(blob, path)
+    del tok, loaded
+    # the same file with one tensor dropped is another architecture
+    state = {f"module.{k}": v for k, v in model.state_dict().items()
+             if k != "decoder_layers.29.conv.bias"}
+    torch.save({"model_state_dict": state, "epoch": 7}, path)
+    del model, state
     with pytest.raises(TokenizerError, match="another tokenizer architecture: 1 missing"):
         load_video_tokenizer(str(path))
 
