@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import scipy.linalg
 import torch
 import torch.nn.functional as F
 
@@ -28,7 +27,8 @@ from tests.spawn import run_distributed
 
 def scipy_frechet(mu1, s1, mu2, s2) -> float:
     """The textbook formula with scipy's general matrix square root (the reference code's)."""
-    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    linalg = pytest.importorskip("scipy.linalg")  # a test-only dependency
+    covmean = linalg.sqrtm(s1 @ s2).real
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
 
 
@@ -220,3 +220,13 @@ def test_protocol_presets_and_their_overrides():
         fvd_config({"sample": 3})
     with pytest.raises(ValueError, match="fvd.context_frames=16"):
         fvd_config({"context_frames": 16})
+
+
+@pytest.mark.gpu
+def test_fvd_on_a_gpu_is_the_cpus(standin):
+    """Detector and resizing on CUDA (fvd device=cuda): the CPU's FVD to fp32 rounding."""
+    path, _ = standin
+    real, fake = videos(8, 12), videos(9, 12, lo=0.1, hi=0.9)
+    cpu = compute_fvd(real, fake, detector_path=str(path), batch_size=4)
+    cuda = compute_fvd(real, fake, detector_path=str(path), batch_size=4, device="cuda")
+    assert cuda == pytest.approx(cpu, rel=1e-4)
