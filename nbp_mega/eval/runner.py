@@ -70,14 +70,15 @@ def fvd_sets(cfg: EvalConfig, loaded: Loaded, dims) -> dict:
     p = cfg.fvd
     detector = load_detector(p.detector, sha256=p.detector_sha256 or None,
                              allow_other=p.allow_other_detector, device=dims.device)
-    frames = _clip_frames(cfg, loaded)
     stats_dir = os.path.join(cfg.out, "stats")
     os.makedirs(stats_dir, exist_ok=True)
-    real = RealClips(cfg.videos, count=p.num_reference, frames=frames, resolution=p.resolution,
+    # windows of exactly the evaluated frames: the same reference set (and cached statistics)
+    # for every model, whatever its clip length
+    real = RealClips(cfg.videos, count=p.num_reference, frames=p.frames, resolution=p.resolution,
                      fps=p.fps, seed=p.seed)
     ref_path = cfg.reference_stats or os.path.join(stats_dir, "reference.npz")
     reference = set_statistics(real, detector, p, path=ref_path, group=dims.dp_group)
-    fake = _generated(cfg, loaded, count=p.samples * p.folds, frames=frames)
+    fake = _generated(cfg, loaded, count=p.samples * p.folds, frames=_clip_frames(cfg, loaded))
     folds = []
     for f in range(p.folds):
         part = Slice(fake, f * p.samples, (f + 1) * p.samples)

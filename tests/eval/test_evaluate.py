@@ -245,17 +245,23 @@ def test_shipped_eval_configs_load_with_their_protocols(name, protocol):
         load_eval_config(f"{ROOT}/configs/eval/{name}.yaml", paths[1:])
 
 
-def test_a_folder_of_generated_videos_is_evaluated_without_a_model(parts, tmp_path):
+def test_a_folder_of_generated_videos_is_evaluated_without_a_model(parts, single, tmp_path):
     """generated=DIR (another model's samples): FVD and temporal consistency of its files'
-    first frames, no model or tokenizer loaded; a folder with fewer usable files than the
+    first frames, no model or tokenizer loaded, against the reference statistics the model's
+    evaluation made (reused, not recomputed); a folder with fewer usable files than the
     protocol's clips is refused."""
     from nbp_mega.eval import cli
 
     out = tmp_path / "folder"
+    reference = parts / "single" / "stats" / "reference.npz"
+    made = reference.stat().st_mtime_ns
     base = [str(parts / "eval.yaml"), "run=", "tokenizer=", f"generated={parts / 'videos'}",
-            "metrics=[fvd,temporal]", "fvd.samples=5", "fvd.folds=1", "temporal.clips=2"]
+            "metrics=[fvd,temporal]", "fvd.samples=5", "fvd.folds=1", "temporal.clips=2",
+            f"reference_stats={reference}"]
     assert cli.main([*base, f"out={out}"]) == 0
+    assert reference.stat().st_mtime_ns == made
     r = json.loads((out / "results.json").read_text())
+    assert r["fvd"]["reference_stats"] == str(reference)
     assert r["model"] is None and r["tokenizer"] is None and r["fvd"]["fvd"] > 0
     _, meta = load_stats(out / "stats" / "generated_fold0.npz")
     assert meta["set"]["first_frames"] and meta["set"]["videos"] == 5
