@@ -51,6 +51,24 @@ def test_estimate_within_15_percent_of_measured(tmp_path, capsys, stage, steps):
     assert record["load"]["wall_seconds"] > 0 and "quiet" in record
 
 
+def test_pipeline_stages_within_15_percent_of_measured(tmp_path, capsys):
+    """PP=2 (ZeRO-1, 8 micro-batches of 1: stage 0 holds 2 in flight under 1F1B, stage 1 one
+    and the head): each stage's measured peak against the planner's estimate of that stage."""
+    bench = load_tool("bench_memory")
+    out = tmp_path / "record.json"
+    code = bench.main([CONFIG, "model.layers=4", "model.grid=[2,16,16]",
+                       "train.global_batch=8", "train.micro_batch=1", "parallel.zero_stage=1",
+                       "parallel.pipeline=2", "--nproc", "2", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    record = json.loads(out.read_text())
+    stages = record["comparison"]["stages"]
+    assert [s["stage"] for s in stages] == [0, 1]
+    assert sorted(r["stage"] for r in record["ranks"]) == [0, 1]
+    for s in stages:
+        assert abs(s["ratio"] - 1) <= TOLERANCE, s
+    assert stages[1]["estimated"] != stages[0]["estimated"]  # the stages differ
+
+
 PHASES_SCRIPT = """
 import json, sys, torch
 sys.path.insert(0, "tools")

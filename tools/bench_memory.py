@@ -11,6 +11,11 @@ nbp_mega.train does - `partitioned_build`, `NBPTransformer`, `.to(device)`,
 step per micro batch) on random tokens; --forward-only builds the engine without an optimizer
 (DeepSpeed's ZeRO-3 inference path) and runs a forward under torch.no_grad.
 
+With parallel.pipeline > 1 each rank builds its stage (as nbp_mega.train does) and a step is
+DeepSpeed's train_batch over the accumulation micro-batches (one phase: 1F1B and the optimizer
+are inside it); the record's comparison.stages sets each stage's measured peak beside the
+planner's estimate of that stage.
+
 Memory: on the CPU the resident set (VmHWM of /proc/self/status, reset at the start of every
 phase through /proc/self/clear_refs, so each phase reports its own peak); on a GPU
 torch.cuda.max_memory_allocated (reset per phase). The baseline is the rank's memory after the
@@ -177,6 +182,7 @@ def worker(out_path: str, config: str, overrides: list[str], forward_only: bool,
     )
     from nbp_mega.parallel.dims import init_parallel, shutdown_parallel
     from nbp_mega.parallel.layers import TensorParallel
+    from nbp_mega.parallel.pipeline import stage_of
 
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -185,10 +191,13 @@ def worker(out_path: str, config: str, overrides: list[str], forward_only: bool,
     phases = Phases(dims.device)
     baseline = phases.now()
 
+    stage = stage_of(cfg.model, cfg.parallel, dims.pp_rank) if dims.pp > 1 else None
+
     def build():
         torch.manual_seed(cfg.seed)
         with partitioned_build(cfg, dims):
-            model = NBPTransformer(cfg.model, TensorParallel(dims, init_std=cfg.model.init_std))
+            model = NBPTransformer(cfg.model, TensorParallel(dims, init_std=cfg.model.init_std),
+                                   stage)
         model = model.to(dims.device)
         declare_tp_layout(model)
         return model
@@ -205,6 +214,12 @@ def worker(out_path: str, config: str, overrides: list[str], forward_only: bool,
     micro, accum = batch_arithmetic(cfg.train.global_batch, cfg.train.micro_batch, dims.dp)
     input_ids, targets = random_batch(model.layout, cfg, micro * accum, dims.device)
     for step in range(1, steps + 1):
+        if stage is not None:  # as Trainer._pipeline_step: 1F1B over the micro-batches, then
+            # the optimizer, inside DeepSpeed's train_batch (not separable into phases)
+            batches = [(input_ids[i : i + micro], targets[i : i + micro])
+                       for i in range(0, micro * accum, micro)]
+            phases.run(f"step{step}.train_batch", lambda b=batches: engine.train_batch(iter(b)))
+            continue
         if forward_only:
             engine.eval()
             with torch.no_grad():
@@ -219,7 +234,8 @@ def worker(out_path: str, config: str, overrides: list[str], forward_only: bool,
             phases.run(f"step{step}.backward", lambda x=loss: engine.backward(x.mean()))
             phases.run(f"step{step}.optimizer", engine.step)
             del loss
-    result = {"rank": dims.rank, "baseline": baseline, "phases": phases.records,
+    result = {"rank": dims.rank, "stage": dims.pp_rank, "baseline": baseline,
+              "phases": phases.records,
               "components": engine_components(engine, model),
               "peak": max(r["peak"] for r in phases.records.values())}
     with open(out_path, "w") as f:
@@ -295,6 +311,20 @@ def estimate(cfg, args, device: str):
     residents = ({"parameters": phases["forward"]["parameters"]} if args.forward_only else
                  resident_between_steps(job, layout))
     return job, layout, phases, training_memory(job, layout, **kwargs), residents
+
+
+def compare_stages(ranks: list[dict], job, layout, device: str, steps: int) -> list[dict]:
+    """Pipeline: each stage's estimated peak (its largest phase: DeepSpeed's train_batch runs
+    them all) against the measured peak of its ranks."""
+    from nbp_mega.plan.memory import phase_total, stage_phases
+
+    out = []
+    for s, phases in enumerate(stage_phases(job, layout, device=device, step=min(steps, 2))):
+        est = max(phase_total(p) for p in phases.values())
+        got = max(r["peak"] - r["baseline"]["end"] for r in ranks if r["stage"] == s)
+        out.append({"stage": s, "estimated": est, "measured": got,
+                    "ratio": round(est / got, 3)})
+    return out
 
 
 def _measured_groups(rank: dict) -> dict[str, int]:
@@ -419,6 +449,8 @@ def main(argv=None) -> int:
                            "components": memory.components(), "phases": memory.phases},
               "comparison": compare(ranks, phases, memory, residents), "machine": machine_record(),
               "load": args.watch.summary()}
+    if layout.pipeline > 1:
+        record["comparison"]["stages"] = compare_stages(ranks, job, layout, device, args.steps)
     record["quiet"] = record["load"]["quiet"]
     text = json.dumps(record, indent=1)
     if args.out:

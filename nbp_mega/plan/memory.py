@@ -441,6 +441,23 @@ def _pipeline_buffers(job: Job, layout: Layout) -> int:
     return s.in_flight * one * ((not s.has_embedding) + (not s.has_head))
 
 
+def stage_phases(job: Job, layout: Layout, *, device: str = "cuda", step: int = 2
+                 ) -> list[dict[str, dict]]:
+    """memory_phases of each pipeline stage (its parameters, its in-flight activations, its
+    pipeline buffers in the forward/backward), stage 0 first."""
+    if layout.zero_stage > 1:
+        raise ValueError(f"pipeline={layout.pipeline} with ZeRO-{layout.zero_stage}: "
+                         "DeepSpeed's pipeline engine trains with ZeRO 0 or 1")
+    one = dataclasses.replace(layout, pipeline=1)
+    out = []
+    for stage_job in pipeline_stage_jobs(job, layout):
+        phases = memory_phases(stage_job, one, device=device, step=step)
+        phases["forward_backward"]["temporary"]["pipeline_buffers"] = \
+            _pipeline_buffers(stage_job, layout)
+        out.append(phases)
+    return out
+
+
 def memory_phases(job: Job, layout: Layout, *, device: str = "cuda", step: int = 2,
                   forward_only: bool = False) -> dict[str, dict]:
     """Every phase's parts: {phase: {component: bytes, "temporary": {name: bytes}}}.
@@ -449,17 +466,10 @@ def memory_phases(job: Job, layout: Layout, *, device: str = "cuda", step: int =
     ZeRO 0 or 1, parameters partitioned over dp within the stage), its pipeline buffers
     counted in the forward/backward."""
     if layout.pipeline > 1:
-        if layout.zero_stage > 1 or forward_only:
-            raise ValueError(f"pipeline={layout.pipeline} with ZeRO-{layout.zero_stage}"
-                             f"{' forward-only' if forward_only else ''}: DeepSpeed's "
-                             "pipeline engine trains with ZeRO 0 or 1")
-        one = dataclasses.replace(layout, pipeline=1)
-        options = []
-        for stage_job in pipeline_stage_jobs(job, layout):
-            phases = memory_phases(stage_job, one, device=device, step=step)
-            temp = phases["forward_backward"]["temporary"]
-            temp["pipeline_buffers"] = _pipeline_buffers(stage_job, layout)
-            options.append(phases)
+        if forward_only:
+            raise ValueError(f"pipeline={layout.pipeline} forward-only: DeepSpeed's pipeline "
+                             "engine trains (its eval_batch is not modelled)")
+        options = stage_phases(job, layout, device=device, step=step)
         return max(options, key=lambda p: max(phase_total(v) for v in p.values()))
     if device not in ("cuda", "cpu"):
         raise ValueError(f"device={device!r}: expected 'cuda' or 'cpu'")
