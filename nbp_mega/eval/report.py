@@ -53,7 +53,6 @@ def write_results(cfg, results: dict) -> dict:
 
 
 def summary_lines(name: str, cfg, r: dict, files: dict) -> list[str]:
-    p = cfg.fvd
     lines = [f"# Evaluation of {name}", ""]
     if r.get("model"):
         lines += [f"Model: `{r['model']['path']}` (weights sha256 "
@@ -61,54 +60,58 @@ def summary_lines(name: str, cfg, r: dict, files: dict) -> list[str]:
     if r.get("tokenizer"):
         lines += [f"Tokenizer: `{r['tokenizer']['path']}` (sha256 "
                   f"`{r['tokenizer']['sha256'][:16]}`)"]
-    if r.get("fvd"):
-        f = r["fvd"]
-        lines += ["", "## FVD", "",
-                  f"Protocol `{p.protocol}`: the first {p.frames} frames at {p.resolution}x"
-                  f"{p.resolution}" + (f", evaluated at {p.eval_resolution}x"
-                                       f"{p.eval_resolution}" if p.eval_resolution else "")
-                  + f"; {f['samples_per_fold']} generated clips x {len(f['folds'])} folds vs "
-                  f"{f['reference_clips']} real clips"
-                  + (f" at {p.fps:g} fps" if p.fps else "")
-                  + (f"; the first {p.context_frames} frames given" if p.context_frames else "")
-                  + f". Detector sha256 `{f['detector']['sha256'][:16]}`.", "",
-                  *markdown_table(["FVD (mean over folds)", "std", "folds"],
-                                  [[f"{f['fvd']:.2f}", f"{f['fvd_std']:.2f}",
-                                    ", ".join(f"{x:.2f}" for x in f["folds"])]])]
-    if r.get("per_block"):
-        b = r["per_block"]
-        lines += ["", "## Validation by position", "",
-                  f"{b['clips']} validation clips: loss {b['loss']:.4f} nats per token, top-1 "
-                  f"accuracy {100 * b['accuracy']:.2f}%.", "",
-                  *markdown_table(["latent frame", "loss", "accuracy"],
-                                  [[t, _fmt(lo), _pct(acc)] for t, (lo, acc) in enumerate(
-                                      zip(b["frame"]["loss"], b["frame"]["accuracy"],
-                                          strict=True))])]
-        if "per_block_plot" in files:
-            lines += ["", "![per latent row](per_block.png)"]
-    if r.get("temporal"):
-        t = r["temporal"]
-        lines += ["", "## Temporal consistency", "",
-                  *markdown_table(["", "clips", "mean frame change", "flicker"],
-                                  [[k, t[k]["clips"], f"{t[k]['mean_change']:.4f}",
-                                    f"{t[k]['flicker']:.3f}"] for k in ("generated", "real")]),
-                  "", f"Generated / real: change {t['mean_change_ratio']:.2f}x, flicker "
-                  f"{t['flicker_ratio']:.2f}x; the largest jump is frame {t['worst_step']} -> "
-                  f"{t['worst_step'] + 1} ({t['worst_step_ratio']:.2f}x real's change there)."]
-        if "temporal_plot" in files:
-            lines += ["", "![frame change](temporal.png)"]
-    if r.get("tokenizer_reconstruction"):
-        k = r["tokenizer_reconstruction"]
-        lines += ["", "## Tokenizer reconstruction", "",
-                  *markdown_table(["clips", "frames", "PSNR (dB)", "SSIM", "codes used",
-                                   "perplexity"],
-                                  [[k["clips"], k["frames"], f"{k['psnr']:.2f}",
-                                    f"{k['ssim']:.4f}", f"{100 * k['codes_used_fraction']:.1f}%",
-                                    f"{k['perplexity']:.1f}"]])]
-    lines += ["", "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in
-                                               r["timings_s"].items()),
-              "", "Every number, the config and the checksums: `results.json`."]
-    return lines
+    images = {"per_block": ("per_block_plot", "![per latent row](per_block.png)"),
+              "temporal": ("temporal_plot", "![frame change](temporal.png)")}
+    sections = {"fvd": lambda x: _fvd_lines(cfg.fvd, x), "per_block": _per_block_lines,
+                "temporal": _temporal_lines, "tokenizer_reconstruction": _tokenizer_lines}
+    for key, section in sections.items():
+        if r.get(key):
+            lines += ["", *section(r[key])]
+            if key in images and images[key][0] in files:
+                lines += ["", images[key][1]]
+    return lines + ["", "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in
+                                                     r["timings_s"].items()),
+                    "", "Every number, the config and the checksums: `results.json`."]
+
+
+def _fvd_lines(p, f: dict) -> list[str]:
+    size = f"{p.resolution}x{p.resolution}" + (
+        f", evaluated at {p.eval_resolution}x{p.eval_resolution}" if p.eval_resolution else "")
+    return ["## FVD", "",
+            f"Protocol `{p.protocol}`: the first {p.frames} frames at {size}; "
+            f"{f['samples_per_fold']} generated clips x {len(f['folds'])} folds vs "
+            f"{f['reference_clips']} real clips" + (f" at {p.fps:g} fps" if p.fps else "")
+            + (f"; the first {p.context_frames} frames given" if p.context_frames else "")
+            + f". Detector sha256 `{f['detector']['sha256'][:16]}`.", "",
+            *markdown_table(["FVD (mean over folds)", "std", "folds"],
+                            [[f"{f['fvd']:.2f}", f"{f['fvd_std']:.2f}",
+                              ", ".join(f"{x:.2f}" for x in f["folds"])]])]
+
+
+def _per_block_lines(b: dict) -> list[str]:
+    rows = [[t, _fmt(loss), _pct(acc)] for t, (loss, acc) in
+            enumerate(zip(b["frame"]["loss"], b["frame"]["accuracy"], strict=True))]
+    return ["## Validation by position", "",
+            f"{b['clips']} validation clips: loss {b['loss']:.4f} nats per token, top-1 "
+            f"accuracy {100 * b['accuracy']:.2f}%.", "",
+            *markdown_table(["latent frame", "loss", "accuracy"], rows)]
+
+
+def _temporal_lines(t: dict) -> list[str]:
+    rows = [[k, t[k]["clips"], f"{t[k]['mean_change']:.4f}", f"{t[k]['flicker']:.3f}"]
+            for k in ("generated", "real")]
+    return ["## Temporal consistency", "",
+            *markdown_table(["", "clips", "mean frame change", "flicker"], rows), "",
+            f"Generated / real: change {t['mean_change_ratio']:.2f}x, flicker "
+            f"{t['flicker_ratio']:.2f}x; the largest jump is frame {t['worst_step']} -> "
+            f"{t['worst_step'] + 1} ({t['worst_step_ratio']:.2f}x real's change there)."]
+
+
+def _tokenizer_lines(k: dict) -> list[str]:
+    return ["## Tokenizer reconstruction", "",
+            *markdown_table(["clips", "frames", "PSNR (dB)", "SSIM", "codes used", "perplexity"],
+                            [[k["clips"], k["frames"], f"{k['psnr']:.2f}", f"{k['ssim']:.4f}",
+                              _pct(k["codes_used_fraction"]), f"{k['perplexity']:.1f}"]])]
 
 
 def plot_temporal(temporal: dict[str, dict], path: str) -> None:
