@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(dims.rank)
     check_pipeline(cfg, dims.dp)
     check_shared_run_dir(cfg.run_dir, dims)  # every host sees the same run_dir
+    check_evaluation_config(cfg)  # log.eval_config: a bad one fails here, not after the build
     report_devices(dims)
     checkpointer = Checkpointer(cfg.run_dir, keep_last=cfg.train.keep_last, rank=dims.rank)
     resume, saved_streams, universal = checkpointer.latest(), 0, False
@@ -247,19 +248,22 @@ def evaluation_command(cfg) -> list[str]:
             "--poll", "10", "--until-pid", str(os.getpid())]
 
 
-def maybe_start_evaluation(cfg, dims):
-    """log.eval_config: its config checked on every rank (a bad one fails the job at start),
-    then rank 0 starts the evaluation beside the training -> the process, or None."""
-    import subprocess
-
+def check_evaluation_config(cfg) -> None:
+    """log.eval_config loads as the evaluation will load it (every rank: all fail alike)."""
     from nbp_mega.eval.config import load_eval_config
 
-    if not cfg.log.eval_config:
+    if cfg.log.eval_config:
+        load_eval_config(cfg.log.eval_config, evaluation_command(cfg)[4:6])  # run=, out=
+
+
+def maybe_start_evaluation(cfg, dims):
+    """log.eval_config: rank 0 starts the evaluation beside the training -> the process, or
+    None (other ranks, or no evaluation asked for)."""
+    import subprocess
+
+    if not cfg.log.eval_config or not dims.is_main:
         return None
     command = evaluation_command(cfg)
-    load_eval_config(cfg.log.eval_config, command[4:6])
-    if not dims.is_main:
-        return None
     env = {k: v for k, v in os.environ.items() if k not in JOB_VARIABLES}
     out = open(os.path.join(cfg.run_dir, "eval.log"), "a")  # noqa: SIM115 (the child's)
     log.info("evaluating each checkpoint beside the training: %s (log %s)", " ".join(command),

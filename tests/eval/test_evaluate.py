@@ -286,3 +286,16 @@ def test_evaluations_compared_side_by_side(parts, single, tmp_path):
     assert "| model.pt (other) | " in table and "(other protocol)" in table
     assert (out / "per_block.png").exists() and (out / "temporal.png").exists()
     assert cli.main(["--compare", str(tmp_path / "missing"), "--out", str(out)]) == 2
+
+
+def test_a_bad_eval_config_fails_the_training_at_start(tmp_path):
+    """log.eval_config is loaded as the evaluation will load it, before the model is built."""
+    from nbp_mega.config import load_config
+    from nbp_mega.train import check_evaluation_config
+
+    (tmp_path / "bad.yaml").write_text("metrics: [fid]\n")
+    cfg = load_config(TINY, [f"log.eval_config={tmp_path / 'bad.yaml'}",
+                             f"run_dir={tmp_path / 'run'}"])
+    with pytest.raises(ValueError, match=r"metrics=\['fid'\]: expected"):
+        check_evaluation_config(cfg)
+    check_evaluation_config(load_config(TINY, []))  # none asked for: nothing to check
