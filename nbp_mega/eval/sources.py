@@ -12,6 +12,7 @@ Legend: n videos, T frames, R resolution (square), t/h/w latent grid.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 
@@ -36,24 +37,21 @@ class RealClips:
                              sampling="stride" if first else "random", clips_per_video=1,
                              seed=seed)
         self.spec.check()
-        paths = list_videos(root)
-        self.usable, self.skipped = [], []
-        for path in paths:
-            try:
-                info = probe(path)
-                if _num_frames(info, self.spec) >= frames:
-                    self.usable.append(info)
-                else:
-                    self.skipped.append(f"{path}: shorter than {frames} frames"
-                                        + (f" at {fps} fps" if fps else ""))
-            except VideoError as e:
-                self.skipped.append(str(e))
+        probes, unreadable = probe_folder(self.root)
+        self.usable, self.skipped = [], list(unreadable)
+        for info in probes:
+            if _num_frames(info, self.spec) >= frames:
+                self.usable.append(info)
+            else:
+                self.skipped.append(f"{info.path}: shorter than {frames} frames"
+                                    + (f" at {fps} fps" if fps else ""))
+        paths = len(probes) + len(unreadable)
         if not self.usable:
-            raise VideoError(f"{root}: none of its {len(paths)} videos gives a clip of {frames} "
+            raise VideoError(f"{root}: none of its {paths} videos gives a clip of {frames} "
                              f"frames ({'; '.join(self.skipped[:3]) or 'no video files'})")
         if first and count > len(self.usable):
             raise VideoError(f"{root}: {len(self.usable)} videos of at least {frames} frames "
-                             f"(of {len(paths)}), the protocol evaluates {count}: expected one "
+                             f"(of {paths}), the protocol evaluates {count}: expected one "
                              "video per clip")
         self.order = np.arange(len(self.usable)) if first else \
             np.random.default_rng(seed).permutation(len(self.usable))
@@ -80,6 +78,20 @@ class RealClips:
                 "files_sha256": hashlib.sha256(names.encode()).hexdigest()[:16],
                 "count": self.count, "frames": self.spec.frames,
                 "resolution": self.spec.resolution, "fps": self.spec.fps, "seed": self.seed}
+
+
+@functools.lru_cache(maxsize=8)
+def probe_folder(root: str) -> tuple[tuple, tuple[str, ...]]:
+    """(probes of the readable videos under root, why each other one is not), once per
+    process: an evaluation draws several sets from one folder (reference, contexts, temporal,
+    tokenizer), and probing reads every file's packet times."""
+    probes, unreadable = [], []
+    for path in list_videos(root):
+        try:
+            probes.append(probe(path))
+        except VideoError as e:
+            unreadable.append(str(e))
+    return tuple(probes), tuple(unreadable)
 
 
 def _num_frames(info, spec: ClipSpec) -> int:
