@@ -34,6 +34,8 @@ class LogConfig:
                               "it is saved, by `python -m nbp_mega.eval --watch` beside the "
                               "training (rank 0 starts it; files in <run_dir>/eval, numbers "
                               "in <run_dir>/tensorboard/eval, its log <run_dir>/eval.log)")
+    eval_poll: float = option(30.0, "log.eval_config: seconds between its looks for new "
+                              "checkpoints", min=0.1)
 
 
 def _timed_matmul_tflops(a: torch.Tensor, b: torch.Tensor, seconds: float) -> float:

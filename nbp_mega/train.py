@@ -245,7 +245,7 @@ def evaluation_command(cfg) -> list[str]:
     run_dir = os.path.abspath(cfg.run_dir)
     return [sys.executable, "-m", "nbp_mega.eval", os.path.abspath(cfg.log.eval_config),
             f"run={run_dir}", f"out={os.path.join(run_dir, 'eval')}", "--watch", run_dir,
-            "--poll", "10", "--until-pid", str(os.getpid())]
+            "--poll", str(cfg.log.eval_poll), "--until-pid", str(os.getpid())]
 
 
 def check_evaluation_config(cfg) -> None:

@@ -56,7 +56,7 @@ def test_pipeline_stages_within_15_percent_of_measured(tmp_path, capsys):
     and the head): each stage's measured peak against the planner's estimate of that stage."""
     bench = load_tool("bench_memory")
     out = tmp_path / "record.json"
-    code = bench.main([CONFIG, "model.layers=4", "model.grid=[2,16,16]",
+    code = bench.main([CONFIG, "model.layers=2", "model.grid=[2,16,16]",
                        "train.global_batch=8", "train.micro_batch=1", "parallel.zero_stage=1",
                        "parallel.pipeline=2", "--nproc", "2", "--out", str(out)])
     assert code == 0, capsys.readouterr().err

@@ -214,7 +214,8 @@ def test_training_evaluates_each_checkpoint_beside_it(parts, tmp_path, dims):
          "model.num_classes=4", "train.steps=4", "train.global_batch=4", "train.save_every=2",
          "train.eval_every=0", f"data.shards={parts}/shards/train",
          f"data.val_shards={parts}/shards/val", "data.num_workers=0", "log.peak_tflops=1",
-         "log.progress=false", f"log.eval_config={tmp_path / 'watch.yaml'}"], cwd=tmp_path)
+         "log.progress=false", f"log.eval_config={tmp_path / 'watch.yaml'}",
+         "log.eval_poll=0.5"], cwd=tmp_path)
     events = EventAccumulator(str(run_dir / "tensorboard" / "eval"))
     events.Reload()
     scored = {e.step: e.value for e in events.Scalars("eval/val_loss")}

@@ -24,6 +24,7 @@ from nbp_mega.tokenizer import (
     save_video_tokenizer,
 )
 from nbp_mega.tokenizer.magvit2 import GroupNorm3D, Magvit2Config, ResidualUnit
+from nbp_mega.tokenizer.video import _load_strict
 
 # The published tokenizer's state-dict table, shipped with the tests (a copy of the project's
 # shared/reference/nbp_magvit2_state_dict.tsv, which is compared with it where present).
@@ -127,14 +128,11 @@ def test_published_file_loads_strictly_and_runs(memory_tmp):
     tokens = tok.encode(video)
     assert tokens.shape == (1, 2, 2, 2) and tokens.dtype == torch.long
     assert tok.decode(tokens).shape == (1, 3, 5, 16, 16)
-    del tok, loaded
-    # the same file with one tensor dropped is another architecture
-    state = {f"module.{k}": v for k, v in model.state_dict().items()
-             if k != "decoder_layers.29.conv.bias"}
-    torch.save({"model_state_dict": state, "epoch": 7}, path)
-    del model, state
+    # a state with one tensor dropped is another architecture (the strict check every file
+    # goes through; checked on the state itself: another 1.5 GB file round trip adds nothing)
+    state = {k: v for k, v in model.state_dict().items() if k != "decoder_layers.29.conv.bias"}
     with pytest.raises(TokenizerError, match="another tokenizer architecture: 1 missing"):
-        load_video_tokenizer(str(path))
+        _load_strict(tok.model, state, str(path))
 
 
 @pytest.fixture(scope="module")
