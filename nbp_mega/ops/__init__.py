@@ -6,8 +6,8 @@ The implementation is chosen once at import (logged), overridable by the environ
 NBP_ATTENTION_IMPL or, in tests, by `set_attention_impl` / `use_attention_impl`:
     auto        the default: per call, by the device of q (logged once per route):
                   CPU: the C++ kernel of nbp_mega._C (float32/float16/bfloat16; float64, or
-                       no extension built -> block_loop); queries of one block (generation
-                       steps) -> one unmasked SDPA over the keys they all see;
+                       no extension built -> block_loop); a generation step of 1-token
+                       blocks (NTP) -> one unmasked SDPA over the keys it sees;
                   CUDA: FlexAttention (torch >= 2.5, else block_loop). Our CUDA kernel is not
                        the default until its `gpu` tests have passed on a real GPU (recorded in
                        the README) and it is measured faster there: CUDA_KERNEL_BY_DEFAULT.
@@ -92,14 +92,17 @@ def one_block_keys(sq: int, block_len: int, prefix_len: int, q_offset: int) -> i
 def auto_block_causal_attention(q, k, v, block_len: int, prefix_len: int = 0,
                                 q_offset: int = 0, *, scale: float | None = None):
     """The default route: our CPU kernel on the CPU, FlexAttention on CUDA (see the legend);
-    on the CPU, queries of one block (a generation step) go to one unmasked SDPA over the keys
-    they see: the kernel walks the cache block by block, which at NTP's 1-token blocks costs
-    a tile per key (7.6 ms against SDPA's ~0.3 ms for 1 query x 1279 keys, 8 x 64, measured).
-    Not on CUDA: a step's key count changes every step, and CUDA graphs need static shapes."""
-    end = one_block_keys(q.shape[2], block_len, prefix_len, q_offset)
+    on the CPU, a generation step of 1-token blocks (NTP, the hybrid start's first row) goes
+    to one unmasked SDPA over the keys it sees: the kernel walks the cache block by block,
+    a tile per key there. Measured (tools/bench_generation.py, .notes/bench_generation_
+    2026-12-03b/c.json): NTP at batch 8 1.21x faster with SDPA, batch 1 the same; NBP rows
+    (16-token blocks) 1.2x slower with SDPA, so they keep the kernel. Not on CUDA: a step's
+    key count changes every step, and CUDA graphs need static shapes."""
+    end = one_block_keys(q.shape[2], block_len, prefix_len, q_offset) if block_len == 1 \
+        else None
     if end is not None and q.device.type == "cpu":
-        _log_once("block-causal attention on cpu: queries of one block (generation steps) -> "
-                  "unmasked SDPA over their keys")
+        _log_once("block-causal attention on cpu: a step of 1-token blocks -> unmasked SDPA "
+                  "over its keys")
         end = min(end, k.shape[2])
         return F.scaled_dot_product_attention(q, k[:, :, :end], v[:, :, :end], scale=scale)
     name = auto_choice(q.device.type)
