@@ -95,9 +95,10 @@ def auto_block_causal_attention(q, k, v, block_len: int, prefix_len: int = 0,
     on the CPU, a generation step of 1-token blocks (NTP, the hybrid start's first row) goes
     to one unmasked SDPA over the keys it sees: the kernel walks the cache block by block,
     a tile per key there. Measured (tools/bench_generation.py, .notes/bench_generation_
-    2026-12-03b/c.json): NTP at batch 8 1.21x faster with SDPA, batch 1 the same; NBP rows
-    (16-token blocks) 1.2x slower with SDPA, so they keep the kernel. Not on CUDA: a step's
-    key count changes every step, and CUDA graphs need static shapes."""
+    2026-12-03b_fused_kernel.json vs 2026-12-03c.json, consecutive quiet runs): NTP at batch 8
+    78.2 -> 65.9 s a clip, batch 1 the same (30.5 / 30.9 s). Longer blocks keep the kernel
+    (the rows runs varied 3.6-4.5 s between runs either way: no gain shown). Not on CUDA: a
+    step's key count changes every step, and CUDA graphs need static shapes."""
     end = one_block_keys(q.shape[2], block_len, prefix_len, q_offset) if block_len == 1 \
         else None
     if end is not None and q.device.type == "cpu":
