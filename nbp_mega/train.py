@@ -240,11 +240,17 @@ JOB_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_
                  "CROSS_SIZE", "LOCAL_SIZE")
 
 
+def evaluation_overrides(cfg) -> list[str]:
+    """What the evaluation beside the training sets over log.eval_config: this run, and its
+    output folder <run_dir>/eval."""
+    run_dir = os.path.abspath(cfg.run_dir)
+    return [f"run={run_dir}", f"out={os.path.join(run_dir, 'eval')}"]
+
+
 def evaluation_command(cfg) -> list[str]:
     """`python -m nbp_mega.eval` watching this run's checkpoints while this process lives."""
-    run_dir = os.path.abspath(cfg.run_dir)
     return [sys.executable, "-m", "nbp_mega.eval", os.path.abspath(cfg.log.eval_config),
-            f"run={run_dir}", f"out={os.path.join(run_dir, 'eval')}", "--watch", run_dir,
+            *evaluation_overrides(cfg), "--watch", os.path.abspath(cfg.run_dir),
             "--poll", str(cfg.log.eval_poll), "--until-pid", str(os.getpid())]
 
 
@@ -253,7 +259,7 @@ def check_evaluation_config(cfg) -> None:
     from nbp_mega.eval.config import load_eval_config
 
     if cfg.log.eval_config:
-        load_eval_config(cfg.log.eval_config, evaluation_command(cfg)[4:6])  # run=, out=
+        load_eval_config(cfg.log.eval_config, evaluation_overrides(cfg))
 
 
 def maybe_start_evaluation(cfg, dims):

@@ -19,7 +19,14 @@ import os
 import numpy as np
 import torch
 
-from nbp_mega.data.video import ClipSpec, VideoError, iter_clips, list_videos, probe
+from nbp_mega.data.video import (
+    ClipSpec,
+    VideoError,
+    iter_clips,
+    list_videos,
+    output_times,
+    probe,
+)
 
 
 class RealClips:
@@ -95,8 +102,6 @@ def probe_folder(root: str) -> tuple[tuple, tuple[str, ...]]:
 
 
 def _num_frames(info, spec: ClipSpec) -> int:
-    from nbp_mega.data.video import output_times
-
     return len(output_times(info, spec.fps))
 
 
