@@ -24,6 +24,7 @@ import torch
 
 from nbp_mega.generate.cuda_graph import GraphedSteps
 from nbp_mega.generate.kv_cache import StaticKVCache
+from nbp_mega.generate.packed_linear import packed_linears
 from nbp_mega.generate.sampling import SamplingConfig, sample
 from nbp_mega.parallel.collectives import gather_last_dim, tensor_parallel_group
 
@@ -95,7 +96,7 @@ def _step_fn(model, rows: int, cuda_graph: bool):
 def generate(model, *, seeds: list[int], labels: torch.Tensor | None = None,
              text: torch.Tensor | None = None, context: torch.Tensor | None = None,
              sampling: SamplingConfig | None = None, on_step=None,
-             cuda_graph: bool = False) -> torch.Tensor:
+             cuda_graph: bool = False, onednn: bool = True) -> torch.Tensor:
     """Sample len(seeds) clips -> token grids [B, T, H, W].
 
     labels [B] class ids (class-conditional models); text [B, model.text_len] text ids in
@@ -104,7 +105,8 @@ def generate(model, *, seeds: list[int], labels: torch.Tensor | None = None,
     Sample b depends only on seeds[b] and its own conditioning. on_step(done, total) is
     called after each forward step (progress bars). cuda_graph (CUDA): every step replays a
     CUDA graph (`GraphedSteps`), captured on the first call with this batch size and reused
-    by later calls; the same logits as the eager steps.
+    by later calls; the same logits as the eager steps. onednn (CPU): the model's linears
+    multiply through oneDNN's packed weights (`packed_linears`; 1.2-1.8x faster clips).
     """
     sampling = sampling or SamplingConfig()
     model.eval()
@@ -119,15 +121,16 @@ def generate(model, *, seeds: list[int], labels: torch.Tensor | None = None,
     video = ids[:, layout.prefix_len + len(layout.fixed_ids):]  # a view: samples land in ids
     offset = layout.video_offset  # video code c is embedding id offset + c (model.id_layout)
     windows = layout.generation_windows(first)
-    for step, (lo, hi, n) in enumerate(windows):
-        # full-vocabulary logits on every TP rank: each samples the same tokens
-        logits = gather_last_dim(step_logits(ids[:, source[lo:hi]], lo, n),
-                                 tensor_parallel_group(model))
-        if guide:
-            logits = _guided(logits, batch, sampling.guidance_scale)
-        tokens = sample(logits, sampling, generators)  # [B, n]
-        target = hi - n - layout.prefix_len + layout.target_offset  # video index of the first
-        video[:, target:target + n] = (tokens.repeat(2, 1) if guide else tokens) + offset
-        if on_step is not None:
-            on_step(step + 1, len(windows))
+    with packed_linears(model, enabled=onednn):
+        for step, (lo, hi, n) in enumerate(windows):
+            # full-vocabulary logits on every TP rank: each samples the same tokens
+            logits = gather_last_dim(step_logits(ids[:, source[lo:hi]], lo, n),
+                                     tensor_parallel_group(model))
+            if guide:
+                logits = _guided(logits, batch, sampling.guidance_scale)
+            tokens = sample(logits, sampling, generators)  # [B, n]
+            target = hi - n - layout.prefix_len + layout.target_offset  # video index of first
+            video[:, target:target + n] = (tokens.repeat(2, 1) if guide else tokens) + offset
+            if on_step is not None:
+                on_step(step + 1, len(windows))
     return layout.blocks.from_blocks(video[:batch] - offset)
