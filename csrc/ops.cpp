@@ -12,6 +12,7 @@
 #include <cmath>
 
 #include "attention.h"
+#include "sampling.h"
 
 #ifndef NBP_CUDA_ARCHS
 #define NBP_CUDA_ARCHS ""
@@ -71,6 +72,27 @@ at::Tensor softmax_backward_delta(const at::Tensor& grad_out, const at::Tensor& 
   return delta;
 }
 
+void check_sample_inputs(const at::Tensor& logits, const at::Tensor& uniform, int64_t top_k,
+                         double top_p, double temperature) {
+  TORCH_CHECK_VALUE(logits.dim() == 2 && logits.size(1) >= 1,
+                    "sample_rows: logits must be [R, V] with V >= 1; got ", logits.sizes());
+  TORCH_CHECK_TYPE(logits.scalar_type() == at::kFloat, "sample_rows: logits must be float32; got ",
+                   logits.scalar_type());
+  TORCH_CHECK_VALUE(logits.size(1) <= INT32_MAX, "sample_rows: a vocabulary of ", logits.size(1),
+                    " ids; at most 2^31 - 1");
+  TORCH_CHECK_VALUE(uniform.dim() == 1 && uniform.size(0) == logits.size(0),
+                    "sample_rows: uniform must be [R] = [", logits.size(0), "]; got ",
+                    uniform.sizes());
+  TORCH_CHECK_VALUE(uniform.device() == logits.device(), "sample_rows: uniform on ",
+                    uniform.device(), ", logits on ", logits.device());
+  TORCH_CHECK_VALUE(top_k >= 0, "sample_rows: top_k must be >= 0 (0 = all); got ", top_k);
+  TORCH_CHECK_VALUE(top_p > 0 && top_p <= 1, "sample_rows: need 0 < top_p <= 1; got ", top_p);
+  TORCH_CHECK_VALUE(temperature > 0 && std::isfinite(1.4426950408889634 / temperature),
+                    "sample_rows: temperature must be positive (0 = greedy is argmax, not "
+                    "sampled) and not so small that log2(e) / temperature overflows; got ",
+                    temperature);
+}
+
 namespace {
 
 // The schedule as the kernels walk it, for tiles of block_q x block_k:
@@ -120,6 +142,8 @@ TORCH_LIBRARY(nbp_mega, m) {
       "tile_schedule(int sq, int sk, int block_len, int prefix_len, int q_offset, int block_q, "
       "int block_k) -> (Tensor tiles, Tensor key_end, Tensor first_query)",
       &nbp_mega::tile_schedule);
+  m.def("sample_rows(Tensor logits, Tensor uniform, int top_k, float top_p, float temperature) "
+        "-> Tensor");
 }
 
 // The forward's derivative (and both fake implementations) are registered from Python:
@@ -133,6 +157,7 @@ TORCH_LIBRARY_IMPL(nbp_mega, Autograd, m) {
 TORCH_LIBRARY_IMPL(nbp_mega, CPU, m) {
   m.impl("block_causal_attention", &nbp_mega::cpu::forward);
   m.impl("block_causal_attention_backward", &nbp_mega::cpu::backward);
+  m.impl("sample_rows", &nbp_mega::cpu::sample_rows);
 }
 
 // nbp_mega._C: importing it loads the library (registering the ops); its attributes say what

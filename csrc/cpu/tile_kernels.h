@@ -48,6 +48,10 @@ struct TileKernels {
 
   // x[c] *= alpha for c in [0, width).
   void (*scale)(float* x, int64_t width, float alpha);
+
+  // The sampler's softmax numerators: x[c] = 2^((x[c] - shift) * scale2) for c in [0, n)
+  // (any n; x[c] <= shift, so each is in [0, 1], and exactly 0 far below), returning their sum.
+  float (*exp2_sum)(float* x, int64_t n, float shift, float scale2);
 };
 
 // The implementations. avx512_kernels() / avx2_kernels() are nullptr where the build or the

@@ -11,7 +11,7 @@
 // portable copy and run AVX2 code on a CPU without it. Include it inside a namespace that is
 // unique to the instruction set.
 //
-// `Vec` provides: V, W, MR, NV, load, store, set1, zero, fmadd, fmsub, mul, sub, max, exp2,
+// `Vec` provides: V, W, MR, NV, load, store, set1, zero, add, fmadd, fmsub, mul, sub, max, exp2,
 // reduce_max, reduce_add. W must divide kPad (rows are padded to kPad floats).
 
 template <class Vec>
@@ -146,9 +146,26 @@ struct TileImpl {
     for (int64_t c = 0; c < width; c += W) Vec::store(x + c, Vec::mul(Vec::load(x + c), va));
   }
 
+  static float exp2_sum(float* x, int64_t n, float shift, float scale2) {
+    const V vshift = Vec::set1(shift), vscale = Vec::set1(scale2);
+    V vsum = Vec::zero();
+    int64_t c = 0;
+    for (; c + W <= n; c += W) {
+      const V p = Vec::exp2(Vec::mul(Vec::sub(Vec::load(x + c), vshift), vscale));
+      Vec::store(x + c, p);
+      vsum = Vec::add(vsum, p);
+    }
+    float sum = Vec::reduce_add(vsum);
+    for (; c < n; ++c) {
+      x[c] = __builtin_exp2f((x[c] - shift) * scale2);
+      sum += x[c];
+    }
+    return sum;
+  }
+
   // constexpr: the table is built at compile time, so loading the library runs no code of
   // the AVX2 instantiation on a CPU that may lack AVX2.
   static constexpr TileKernels table(const char* isa) {
-    return TileKernels{isa, &gemm, &softmax_step, &probs, &dscores, &scale};
+    return TileKernels{isa, &gemm, &softmax_step, &probs, &dscores, &scale, &exp2_sum};
   }
 };

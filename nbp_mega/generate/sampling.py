@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from nbp_mega.config_fields import ConfigError, option
+from nbp_mega.ops import fused as _fused
 
 
 @dataclass
@@ -110,10 +111,9 @@ def nucleus_threshold(w: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
     return ordered.gather(1, count - 1)
 
 
-def draw(logits: torch.Tensor, cfg: SamplingConfig, uniform: torch.Tensor) -> torch.Tensor:
-    """logits [B, L, V], uniform [B, L] in [0, 1] -> token ids [B, L]: the inverse CDF of
-    softmax(filter_logits(logits)) at `uniform` (candidates in topk's order, or vocabulary
-    order without top-k). Never a token of probability 0, even at uniform = 1."""
+def _draw_torch(logits: torch.Tensor, cfg: SamplingConfig, uniform: torch.Tensor) -> torch.Tensor:
+    """draw in PyTorch ops (any device): candidates in topk's order, or vocabulary order
+    without top-k."""
     B, L, V = logits.shape
     rows = logits.float().reshape(B * L, V)
     k = _top_k(cfg, V)
@@ -130,6 +130,32 @@ def draw(logits: torch.Tensor, cfg: SamplingConfig, uniform: torch.Tensor) -> to
     # reaching the total), as uniform * total can round up to the total
     j = torch.minimum(torch.searchsorted(cdf, target, right=True), torch.searchsorted(cdf, total))
     ids = j if candidates is None else candidates.gather(1, j)
+    return ids.view(B, L)
+
+
+KERNELS = ("auto", "cpu_kernel", "torch")
+
+
+def draw(logits: torch.Tensor, cfg: SamplingConfig, uniform: torch.Tensor,
+         kernel: str = "auto") -> torch.Tensor:
+    """logits [B, L, V], uniform [B, L] in [0, 1] -> token ids [B, L]: the inverse CDF of
+    softmax(filter_logits(logits)) at `uniform`, over the candidates in a fixed order that
+    depends on the row's logits alone. Never a token of probability 0, even at uniform = 1.
+
+    kernel: "cpu_kernel" nbp_mega._C's sample_rows (csrc/cpu/sampling_cpu.cpp: O(V) per row,
+    a row per thread); "torch" PyTorch ops (any device); "auto" the first on CPU logits where
+    the extension is built, else the second. Both draw from the same distribution; their
+    candidate orders differ, so one uniform can map to different tokens."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel={kernel!r}: expected one of {KERNELS}")
+    if kernel == "auto":
+        kernel = "cpu_kernel" if logits.device.type == "cpu" and _fused.AVAILABLE else "torch"
+    if kernel == "torch":
+        return _draw_torch(logits, cfg, uniform)
+    B, L, V = logits.shape
+    ids = torch.ops.nbp_mega.sample_rows(logits.float().reshape(B * L, V),
+                                         uniform.reshape(B * L).float(), _top_k(cfg, V),
+                                         cfg.top_p, cfg.temperature)
     return ids.view(B, L)
 
 
