@@ -93,7 +93,7 @@ def packed_linears(model: torch.nn.Module, enabled: bool = True):
             m._forward_impl = _packed_impl(m._forward_impl)
         yield
     finally:
-        for m, original in zip(layers, originals):
+        for m, original in zip(layers, originals, strict=True):
             if original is None:
                 m.__dict__.pop("_forward_impl", None)
             else:
