@@ -301,6 +301,9 @@ def test_bench_generation_records_add_up():
     assert "load_average" in machine["load"] and kinds[-2:] == ["targets", "roofline"]
     for r in (r for r in records if r["shape"] == "sampler"):  # before/after, side by side
         assert r["speedup"] == pytest.approx(r["former_seconds"] / r["seconds"], rel=0.05)
+        assert r["speedup_over_torch"] == pytest.approx(r["torch_seconds"] / r["seconds"],
+                                                        rel=0.05)
+        assert r["kernel"] == ("cpu_kernel" if fused.AVAILABLE else "torch")
     setups = {(r["shape"], r["batch"]): r for r in records if r["shape"] in BLOCK_LEN}
     assert set(setups) == {(name, b) for name in BLOCK_LEN for b in (1, 2)}
     for (name, batch), r in setups.items():

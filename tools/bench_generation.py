@@ -38,8 +38,10 @@ timed too, in the same rounds. If capturing fails, the graph records carry the e
     {"shape": "machine", device, cpu, threads, torch, dtype, model {layers, hidden, heads,
      parameters}, config, overrides, grid, vocab, given_frames, tokenizer, attention,
      rounds, order, load, quiet}                                                     (first)
-    {"shape": "sampler", batch, positions, vocab, top_k, top_p, seconds (median per call),
-     former_seconds (the sampler before: full sort of V), speedup, repeats}    (per batch)
+    {"shape": "sampler", batch, positions, vocab, top_k, top_p, kernel (what generate runs:
+     cpu_kernel = nbp_mega._C's sample_rows, or torch), seconds (median per call),
+     torch_seconds (the PyTorch-ops path), former_seconds (the first sampler: full sort of
+     V), speedup (former / seconds), speedup_over_torch, repeats}               (per batch)
     {"shape": "rows" | "frames" | "ntp", variant, block_shape, block_len, batch, steps
      (forwards per clip), tokens (generated, whole batch), generated_frames (video frames per
      clip), seconds (median over rounds, whole batch), seconds_by_round, tokens_per_s,
@@ -86,7 +88,7 @@ from nbp_mega.generate import (  # noqa: E402
 )
 from nbp_mega.machine_load import LoadWatch  # noqa: E402
 from nbp_mega.model import NBPTransformer  # noqa: E402
-from nbp_mega.ops import attention_impl, use_attention_impl  # noqa: E402
+from nbp_mega.ops import attention_impl, fused, use_attention_impl  # noqa: E402
 from nbp_mega.parallel.layers import TensorParallel  # noqa: E402
 
 SIZES = {"cpu": ["model.size=tiny", "model.layers=8", "model.hidden=512", "model.heads=8"]}
@@ -173,28 +175,38 @@ def former_sample(logits, cfg, generators):
     return ids.squeeze(-1).clamp_(max=logits.shape[-1] - 1)
 
 
+def torch_sample(logits, cfg, generators):
+    """The sampler in PyTorch ops (what other devices run; the CPU's before sample_rows)."""
+    uniform = sampling._uniforms(generators, logits.shape[1], logits.device)
+    return sampling.draw(logits, cfg, uniform, kernel="torch")
+
+
 def bench_sampler(batches, vocab: int, positions: int, repeats: int, device, clock) -> list:
-    """Median seconds per call of the sampler and of the former one, calls alternating."""
+    """Median seconds per call of the sampler generate runs (on the CPU the C++ kernel), of
+    its PyTorch-ops path and of the former one (full sort), calls rotating."""
     cfg, records = SamplingConfig(), []
+    fns = {"sampler": sampling.sample, "torch": torch_sample, "former": former_sample}
     for batch in batches:
         logits = torch.randn(batch, positions, vocab, device=device) * 0.5
         gens = [torch.Generator().manual_seed(s) for s in range(batch)]
-        times = {"new": [], "former": []}
+        times = {name: [] for name in fns}
         for r in range(repeats + 1):  # the first of each is a warm-up
-            for name in ("new", "former") if r % 2 else ("former", "new"):
-                fn = sampling.sample if name == "new" else former_sample
+            names = list(fns)
+            for name in names[r % len(names):] + names[:r % len(names)]:
                 clock.sync()
                 start = time.perf_counter()
-                fn(logits, cfg, gens)
+                fns[name](logits, cfg, gens)
                 clock.sync()
                 if r:
                     times[name].append(time.perf_counter() - start)
                 clock.watch.sample(f"sampler {name} batch {batch}")
-        new, old = statistics.median(times["new"]), statistics.median(times["former"])
+        new, torch_ops, old = (statistics.median(times[n]) for n in fns)
         records.append({"shape": "sampler", "batch": batch, "positions": positions,
                         "vocab": vocab, "top_k": cfg.top_k, "top_p": cfg.top_p,
-                        "seconds": sig(new), "former_seconds": sig(old),
-                        "speedup": round(old / new, 2), "repeats": repeats})
+                        "kernel": "cpu_kernel" if device.type == "cpu" and fused.AVAILABLE
+                        else "torch", "seconds": sig(new), "torch_seconds": sig(torch_ops),
+                        "former_seconds": sig(old), "speedup": round(old / new, 2),
+                        "speedup_over_torch": round(torch_ops / new, 2), "repeats": repeats})
     return records
 
 

@@ -6,17 +6,16 @@
 // without top-k); key = a float's bits mapped to an unsigned integer of the same order.
 //
 // Per row, on one thread (rows are split over torch's intra-op threads):
-//   1. top-k: a radix select of the k-th largest key, 11 + 11 + 10 bits: a histogram pass
-//      over V, a pass that writes the tokens of the bins above the k-th key's straight to the
-//      survivors and those of its bin to candidates, then passes over the candidates only;
-//      the survivors: those tokens in vocabulary order, then the candidates above the k-th
-//      key and, of those equal to it, the lowest-numbered ones until there are k;
+//   1. top-k: a floor below the k-th largest key guessed from every 32nd token, one
+//      vectorised pass keeping the keys at or above it (candidates, ~1.1 k; all V if the
+//      guess was too high), a radix select of the k-th key among them (11 + 11 + 10 bits),
+//      and the survivors in vocabulary order: the candidates above the k-th key and, of
+//      those equal to it, the lowest-numbered ones until there are k;
 //   2. weights 2^((x - max) log2(e) / T) (the table's exp2_sum, vectorised);
 //   3. top-p: a histogram of the weights' mass over 256 bins per octave finds the bin where
 //      the nucleus ends; only that bin's weights are sorted to find the exact cut (a token is
 //      kept while the weight of the heavier tokens before it stays below top_p * total);
-//   4. the inverse CDF at u over the kept tokens in the survivors' order (a fixed order that
-//      depends on the row's logits alone), summed in double.
+//   4. the inverse CDF at u over the kept tokens in vocabulary order, summed in double.
 // Ties: of several tokens tied at the top-p cut all are kept (as sampling.py's torch path);
 // the top-k tie-break (lowest ids) may differ from torch.topk's.
 #include <ATen/ATen.h>
@@ -26,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <vector>
 
 #include "../sampling.h"
@@ -55,75 +55,62 @@ struct Scratch {
   std::vector<uint32_t> hist, keys, narrowed;
   std::vector<float> w, members;
   std::vector<int32_t> ids, cand_ids;
-  std::vector<double> mass;
+  std::vector<float> mass;
 };
 
-// Keys of +-inf: a key above the first or below the second is a NaN.
+// Keys of +inf and -inf: a key above the first or below the second is a NaN.
 constexpr uint32_t kInfKey = 0xFF800000u, kMinusInfKey = 0x007FFFFFu;
 constexpr int64_t kTopBins = 2048;  // the first radix level: a key's top 11 bits
 
-// Checks a row's key range: no NaN, and a finite largest logit.
-void check_row(uint32_t lo, uint32_t hi, int64_t row) {
-  TORCH_CHECK_VALUE(hi <= kInfKey && lo >= kMinusInfKey, "sample_rows: row ", row,
-                    " of the logits holds NaN");
+// Refuses a row holding NaN, or whose largest logit (key hi) is +inf or -inf.
+void check_row(bool nan, uint32_t hi, int64_t row) {
+  TORCH_CHECK_VALUE(!nan, "sample_rows: row ", row, " of the logits holds NaN");
   TORCH_CHECK_VALUE(hi != kInfKey && hi > kMinusInfKey, "sample_rows: row ", row,
                     " has no finite largest logit (+inf or all -inf)");
 }
 
-// The top k of x[0, V) into s.w / s.ids (the n = k survivors: first every key whose top 11
-// bits lie above the k-th key's, in vocabulary order, then those of the k-th key's bin that
-// make the count k, in vocabulary order; of several keys equal to the k-th the lowest ids).
-void select_top_k(const float* x, int64_t V, int64_t k, int64_t row, Scratch& s) {
+// A key at or below the k-th largest of x[0, V), most likely: from every 32nd token, the key
+// ranked 4 standard deviations (+ 8) below where the k-th would rank among them; 0 (every key)
+// for a short row. A guess only: select_top_k checks it and falls back to 0.
+uint32_t sampled_floor(const float* x, int64_t V, int64_t k, Scratch& s) {
+  constexpr int64_t kStride = 32;
+  const int64_t m = V / kStride;
+  if (m < 128) return 0;
+  const double q = static_cast<double>(k) / static_cast<double>(V);
+  const int64_t rank = static_cast<int64_t>(
+      std::ceil(m * q + 4.0 * std::sqrt(m * q * (1.0 - q)) + 8.0));  // 1-based, from the top
+  if (rank >= m) return 0;
+  s.narrowed.resize(m);
+  for (int64_t j = 0; j < m; ++j) s.narrowed[j] = order_key(x[j * kStride]);
+  std::nth_element(s.narrowed.begin(), s.narrowed.begin() + (rank - 1), s.narrowed.end(),
+                   std::greater<uint32_t>());
+  return s.narrowed[rank - 1];
+}
+
+// The k-th largest of keys[0, n) (k <= n): a radix select over 11 + 11 + 10 bits, the first
+// level over all n, the next ones over the keys of the chosen bin only. Returns the key and
+// how many of the keys equal to it are among the top k.
+std::pair<uint32_t, int64_t> kth_largest(const uint32_t* keys, int64_t n, int64_t k,
+                                         Scratch& s) {
   // two interleaved histograms: consecutive keys of one bin do not wait on each other's
   // increment (store-to-load forwarding)
   s.hist.assign(2 * kTopBins, 0);
   uint32_t* h0 = s.hist.data();
   uint32_t* h1 = h0 + kTopBins;
-  uint32_t lo = ~0u, hi = 0;
   int64_t i = 0;
-  for (; i + 2 <= V; i += 2) {
-    const uint32_t a = order_key(x[i]), b = order_key(x[i + 1]);
-    ++h0[a >> 21];
-    ++h1[b >> 21];
-    lo = std::min(lo, std::min(a, b));
-    hi = std::max(hi, std::max(a, b));
+  for (; i + 2 <= n; i += 2) {
+    ++h0[keys[i] >> 21];
+    ++h1[keys[i + 1] >> 21];
   }
-  for (; i < V; ++i) {
-    const uint32_t a = order_key(x[i]);
-    ++h0[a >> 21];
-    lo = std::min(lo, a);
-    hi = std::max(hi, a);
-  }
-  check_row(lo, hi, row);
+  if (i < n) ++h0[keys[i] >> 21];
   for (int64_t b = 0; b < kTopBins; ++b) h0[b] += h1[b];
   int64_t want = k;
-  const uint32_t top = bin_reaching(h0, kTopBins, want);
-  const int64_t above = k - want;  // keys in the bins above `top`: all survive
-  // one pass, no branches (survivors sit at random ids): the keys above `top` go straight to
-  // the survivors, those of bin `top` to the candidates
-  s.w.resize(k + 1);  // + 1: each loop writes one past its last element
-  s.ids.resize(k + 1);
-  s.keys.resize(h0[top] + 1);
-  s.cand_ids.resize(h0[top] + 1);
-  float* w = s.w.data();
-  int32_t* ids = s.ids.data();
-  uint32_t* keys = s.keys.data();
-  int32_t* cand = s.cand_ids.data();
-  int64_t c = 0, d = 0;
-  for (i = 0; i < V; ++i) {
-    const uint32_t key = order_key(x[i]), bin = key >> 21;
-    ids[c] = static_cast<int32_t>(i);
-    w[c] = x[i];
-    c += bin > top;
-    keys[d] = key;
-    cand[d] = static_cast<int32_t>(i);
-    d += bin == top;
-  }
-  // the k-th key among the candidates: the remaining 21 bits, 11 then 10
+  uint32_t prefix = bin_reaching(h0, kTopBins, want);
   std::vector<uint32_t>& left = s.narrowed;
-  left.assign(keys, keys + d);
-  uint32_t prefix = top;
-  for (const int bits : {11, 10}) {
+  left.clear();
+  for (i = 0; i < n; ++i)
+    if ((keys[i] >> 21) == prefix) left.push_back(keys[i]);
+  for (const int bits : {11, 10}) {  // the remaining 21 bits
     const int shift = bits == 11 ? 10 : 0;
     const uint32_t mask = (1u << bits) - 1;
     s.hist.assign(size_t{1} << bits, 0);
@@ -133,16 +120,39 @@ void select_top_k(const float* x, int64_t V, int64_t k, int64_t row, Scratch& s)
                               [&](uint32_t key) { return (key >> shift) != prefix; }),
                left.end());
   }
-  // `prefix` is the k-th key; `want` of the keys equal to it survive
-  for (int64_t j = 0; j < d; ++j) {
-    const bool tie = keys[j] == prefix;
-    const bool keep = keys[j] > prefix || (tie && want > 0);
-    want -= tie & keep;
+  return {prefix, want};
+}
+
+// The top k of x[0, V) into s.w / s.ids, in vocabulary order (of several keys equal to the
+// k-th the lowest ids). The keys at or above a sampled floor (the table's keys_at_least:
+// one vectorised pass) are the candidates; if fewer than k pass, the floor was too high and
+// every key is a candidate. The k-th key is then selected among the candidates only.
+void select_top_k(const float* x, int64_t V, int64_t k, int64_t row, Scratch& s) {
+  const TileKernels& kern = tile_kernels();
+  uint32_t floor = sampled_floor(x, V, k, s);
+  s.keys.resize(V + kPad);
+  s.cand_ids.resize(V + kPad);
+  uint32_t* keys = s.keys.data();
+  int32_t* cand = s.cand_ids.data();
+  uint32_t lo = 0, hi = 0;
+  int64_t n = kern.keys_at_least(x, V, floor, keys, cand, &lo, &hi);
+  check_row(hi > kInfKey || lo < kMinusInfKey, hi, row);  // keys beyond +-inf: NaN
+  if (n < k) n = kern.keys_at_least(x, V, floor = 0, keys, cand, &lo, &hi);
+  auto [threshold, ties] = kth_largest(keys, n, k, s);
+  s.w.resize(k + 1);  // + 1: the branch-free loop writes one past its last survivor
+  s.ids.resize(k + 1);
+  float* w = s.w.data();
+  int32_t* ids = s.ids.data();
+  int64_t c = 0;
+  for (int64_t j = 0; j < n; ++j) {  // without branches: which candidates survive is data
+    const bool tie = keys[j] == threshold;
+    const bool keep = keys[j] > threshold || (tie && ties > 0);
+    ties -= tie & keep;
     ids[c] = cand[j];
     w[c] = x[cand[j]];
     c += keep && c < k;  // (never past k, were the select wrong: the check below says so)
   }
-  TORCH_INTERNAL_ASSERT(c == k && above <= k, "sample_rows: selected ", c, " of top ", k);
+  TORCH_INTERNAL_ASSERT(c == k, "sample_rows: selected ", c, " of the top ", k);
 }
 
 // Nucleus bins: 2^(23 - kBinShift) = 256 per octave below the largest weight (1), over
@@ -161,7 +171,7 @@ inline int64_t weight_bin(float w) {
 // The smallest weight the nucleus keeps: by descending weight, a token is kept while the
 // weight before it stays below `mass` (the first, of weight 1, always is).
 float nucleus_threshold(const float* w, int64_t n, double mass, Scratch& s) {
-  s.mass.assign(kBins, 0.0);
+  s.mass.assign(kBins, 0.f);  // float: 30 KB, in L1 (the walk below sums them in double)
   for (int64_t c = 0; c < n; ++c) s.mass[weight_bin(w[c])] += w[c];
   double before = 0.0;
   int64_t last = 0;
@@ -187,10 +197,14 @@ int64_t sample_row(const float* x, int64_t V, int64_t k, double top_p, float sca
     select_top_k(x, V, k, row, s);
   } else {
     s.w.assign(x, x + V);
-    const auto [lo, hi] = std::minmax_element(s.w.begin(), s.w.end(), [](float a, float b) {
-      return order_key(a) < order_key(b);
-    });
-    check_row(order_key(*lo), order_key(*hi), row);
+    float top = x[0];
+    int64_t nan = 0;
+#pragma omp simd reduction(max : top) reduction(+ : nan)
+    for (int64_t i = 0; i < V; ++i) {
+      top = x[i] > top ? x[i] : top;
+      nan += x[i] != x[i];
+    }
+    check_row(nan > 0, order_key(top), row);
   }
   float* w = s.w.data();
   float top = w[0];

@@ -52,6 +52,13 @@ struct TileKernels {
   // The sampler's softmax numerators: x[c] = 2^((x[c] - shift) * scale2) for c in [0, n)
   // (any n; x[c] <= shift, so each is in [0, 1], and exactly 0 far below), returning their sum.
   float (*exp2_sum)(float* x, int64_t n, float shift, float scale2);
+
+  // The sampler's top-k prefilter: of x[0, n), the order keys (float bits mapped to uint32 in
+  // the floats' order) that are >= floor, with their indices, in order, into keys[] and ids[]
+  // (room for their count + kPad: whole vectors are stored); returns the count. *lo and *hi
+  // become the smallest and largest key of all n.
+  int64_t (*keys_at_least)(const float* x, int64_t n, uint32_t floor, uint32_t* keys,
+                           int32_t* ids, uint32_t* lo, uint32_t* hi);
 };
 
 // The implementations. avx512_kernels() / avx2_kernels() are nullptr where the build or the

@@ -72,6 +72,53 @@ struct Avx512 {
     const __mmask16 below = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
     return _mm512_mask_blend_ps(below, _mm512_castsi512_ps(scaled), zero());
   }
+
+  // The sampler's prefilter (tile_kernels.h), 16 keys at a time: the passing keys and ids
+  // compressed in a register and stored whole (a compressing store to memory is microcoded
+  // and slow on Zen 4).
+  static int64_t keys_at_least(const float* x, int64_t n, uint32_t floor, uint32_t* keys,
+                               int32_t* ids, uint32_t* lo, uint32_t* hi) {
+    const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u));
+    const __m512i vfloor = _mm512_set1_epi32(static_cast<int>(floor));
+    const __m512i step = _mm512_set1_epi32(16);
+    __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512i vlo = _mm512_set1_epi32(-1), vhi = _mm512_setzero_si512();
+    int64_t c = 0, i = 0;
+    for (; i + 16 <= n; i += 16) {
+      const __m512i bits = _mm512_loadu_si512(x + i);
+      // negative: all bits flipped; positive: the sign bit set
+      const __m512i key = _mm512_xor_si512(bits, _mm512_or_si512(_mm512_srai_epi32(bits, 31),
+                                                                 sign));
+      vlo = _mm512_min_epu32(vlo, key);
+      vhi = _mm512_max_epu32(vhi, key);
+      const __mmask16 pass = _mm512_cmpge_epu32_mask(key, vfloor);
+      _mm512_storeu_si512(keys + c, _mm512_maskz_compress_epi32(pass, key));
+      _mm512_storeu_si512(ids + c, _mm512_maskz_compress_epi32(pass, idx));
+      c += __builtin_popcount(pass);
+      idx = _mm512_add_epi32(idx, step);
+    }
+    alignas(64) uint32_t l16[16], h16[16];
+    _mm512_store_si512(l16, vlo);
+    _mm512_store_si512(h16, vhi);
+    uint32_t l = ~0u, h = 0;
+    for (int j = 0; j < 16; ++j) {
+      l = l16[j] < l ? l16[j] : l;
+      h = h16[j] > h ? h16[j] : h;
+    }
+    for (; i < n; ++i) {
+      uint32_t u;
+      __builtin_memcpy(&u, x + i, sizeof u);
+      const uint32_t key = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+      l = key < l ? key : l;
+      h = key > h ? key : h;
+      keys[c] = key;
+      ids[c] = static_cast<int32_t>(i);
+      c += key >= floor;
+    }
+    *lo = l;
+    *hi = h;
+    return c;
+  }
 };
 
 #include "tile_kernels_impl.h"

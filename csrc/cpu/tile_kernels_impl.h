@@ -163,9 +163,35 @@ struct TileImpl {
     return sum;
   }
 
+  // Portable: one key at a time, without branches (which keys pass is data: unpredictable).
+  // An instruction set with a compress instruction provides Vec::keys_at_least instead.
+  static int64_t keys_at_least(const float* x, int64_t n, uint32_t floor, uint32_t* keys,
+                               int32_t* ids, uint32_t* lo, uint32_t* hi) {
+    if constexpr (requires { Vec::keys_at_least; }) {
+      return Vec::keys_at_least(x, n, floor, keys, ids, lo, hi);
+    } else {
+      uint32_t l = ~0u, h = 0;
+      int64_t c = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        uint32_t u;
+        __builtin_memcpy(&u, x + i, sizeof u);
+        const uint32_t key = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+        l = key < l ? key : l;
+        h = key > h ? key : h;
+        keys[c] = key;
+        ids[c] = static_cast<int32_t>(i);
+        c += key >= floor;
+      }
+      *lo = l;
+      *hi = h;
+      return c;
+    }
+  }
+
   // constexpr: the table is built at compile time, so loading the library runs no code of
   // the AVX2 instantiation on a CPU that may lack AVX2.
   static constexpr TileKernels table(const char* isa) {
-    return TileKernels{isa, &gemm, &softmax_step, &probs, &dscores, &scale, &exp2_sum};
+    return TileKernels{isa,    &gemm,     &softmax_step, &probs,
+                       &dscores, &scale, &exp2_sum,     &keys_at_least};
   }
 };

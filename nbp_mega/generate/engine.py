@@ -85,10 +85,11 @@ def _id_buffer(model, batch: int, labels, text, context, guide: bool, device) ->
 
 def _step_fn(model, rows: int, cuda_graph: bool):
     """step(ids [rows, S], start, n) -> this rank's logits [rows, n, V/tp] of the step's last
-    n positions: eager against a fresh cache, or replayed from the model's CUDA graphs."""
+    n positions: eager against the model's cache (`StaticKVCache.reused_for`), or replayed
+    from the model's CUDA graphs."""
     if cuda_graph:
         return GraphedSteps.for_model(model, rows).logits
-    cache = StaticKVCache.for_model(model, rows)
+    cache = StaticKVCache.reused_for(model, rows)
     return lambda ids, start, n: model.logits(model.hidden_states(ids, start, cache)[:, -n:])
 
 

@@ -101,6 +101,23 @@ def test_a_sample_depends_only_on_its_seed(dims):
     assert not torch.equal(other, alone)  # the seed matters
 
 
+def test_a_reused_kv_cache_gives_a_fresh_caches_tokens(dims):
+    """The cache stays on the model between calls; what a call leaves in it (another clip's
+    keys and values, all of its positions) never reaches the next call's tokens."""
+    model = build(dims, block_shape=[1, 2, 2], num_classes=3)
+    sampling = SamplingConfig(temperature=1.0, top_k=20, top_p=0.95)
+    labels = torch.tensor([2, 1])
+    generate(model, seeds=[7, 8], labels=torch.tensor([0, 0]), sampling=sampling)
+    cache = model._generation_kv_cache
+    assert cache.k.abs().sum() > 0  # the first call left its keys everywhere
+    reused = generate(model, seeds=[1, 2], labels=labels, sampling=sampling)
+    assert model._generation_kv_cache is cache
+    del model._generation_kv_cache
+    fresh = generate(model, seeds=[1, 2], labels=labels, sampling=sampling)
+    assert model._generation_kv_cache is not cache
+    assert torch.equal(reused, fresh)
+
+
 def test_filters_keep_what_they_promise():
     logits = torch.log(torch.tensor([[[0.5, 0.3, 0.15, 0.05]]]))
     top2 = filter_logits(logits, SamplingConfig(top_k=2, top_p=1.0))
