@@ -183,9 +183,9 @@ class NBPTransformer(nn.Module):
             with seeds.part(2 + cfg.layers):
                 self.head = tp.column(d, head_vocab, bias=False)
             lo, hi = tp.vocab_range(head_vocab)
-            # Padded head rows (ids >= V) must not take probability mass.
-            self.register_buffer("pad_logits", torch.arange(lo, hi) >= cfg.vocab_size,
-                                 persistent=False)
+            # Padded head rows (ids >= V, the tail of the vocabulary) take no probability
+            # mass: this rank's logits from local index pad_from on are -inf (None: none).
+            self.pad_from = max(cfg.vocab_size, lo) - lo if cfg.vocab_size < hi else None
 
     def _check_fits(self, cfg: ModelConfig, tp: TensorParallel) -> None:
         for key, value in (("model.heads", cfg.heads), ("model.ffn_hidden", cfg.ffn_hidden),
@@ -234,7 +234,9 @@ class NBPTransformer(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """[..., d] -> this rank's fp32 logit shard [..., Vp/tp], padded ids at -inf."""
         logits = self.head(h).float()
-        return logits.masked_fill(self.pad_logits, float("-inf"))
+        if self.pad_from is not None:  # in place: a step's [.., V] logits are not copied
+            logits[..., self.pad_from:] = float("-inf")
+        return logits
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None):
         """input_ids [B, S], targets [B, Nt] -> per-target loss [B, Nt] (nats).
