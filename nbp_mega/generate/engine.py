@@ -107,7 +107,8 @@ def generate(model, *, seeds: list[int], labels: torch.Tensor | None = None,
     called after each forward step (progress bars). cuda_graph (CUDA): every step replays a
     CUDA graph (`GraphedSteps`), captured on the first call with this batch size and reused
     by later calls; the same logits as the eager steps. onednn (CPU): the model's linears
-    multiply through oneDNN's packed weights (`packed_linears`; 1.2-1.8x faster clips).
+    multiply through oneDNN's packed weights (`packed_linears`; MKL's small-M products
+    stream the weights far below the memory's rate).
     """
     sampling = sampling or SamplingConfig()
     model.eval()

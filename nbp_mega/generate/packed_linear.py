@@ -8,8 +8,8 @@ threads), the vocabulary head [M, 512] x [512, 64000] (131 MB) takes 13-18 ms at
 23-31 ms at M = 16 (7-9 GB/s, where summing the same tensor reads 43 GB/s), versus 5-7 ms and
 7-9 ms through oneDNN with the weight reordered once into its blocked layout
 (`torch.ops.mkldnn._reorder_linear_weight` and `_linear_pointwise`, the pair torch's inductor
-emits for frozen CPU linears). Generation steps are exactly these small-M products: a whole
-clip goes 1.2-1.8x faster (tools/bench_generation.py; NTP gains most).
+emits for frozen CPU linears). Generation steps are exactly these small-M products (with the
+C++ sampler, clips went 2.0-2.65x faster: README, Generation speed).
 
 `packed_linears(model)` reroutes every megatron Column/RowParallelLinear of the model through
 its `_forward_impl` hook (the call megatron makes for the local matmul; TP communication and

@@ -26,9 +26,9 @@ paths give different tokens for one seed (each follows the distribution). Where 
 sort keeps some of several tokens tied at the nucleus' last weight, both keep them all; float
 sums in another order can move a token exactly at the top-p boundary (on CUDA the bin sums use
 atomics); of tokens tied at the k-th logit the kernel keeps the lowest ids.
-Measured (tools/bench_generation.py --sampler-only, V = 64000, 16 positions, 2 threads):
-the kernel 3.5x (batch 1) and 4.1x (batch 8) faster than the PyTorch path, which was itself
-about 5x faster than the first sampler (a full sort of V).
+Measured (.notes/bench_generation_2026-12-03f.json, V = 64000, 16 positions, 2 threads): the
+kernel 4.3x (batch 1) and 4.5x (batch 8) faster than the PyTorch path, 22x and 25x the first
+sampler (a full sort of V).
 """
 
 from __future__ import annotations
