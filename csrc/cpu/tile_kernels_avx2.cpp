@@ -18,6 +18,7 @@
 namespace nbp_mega::cpu::avx2 {
 
 #include "exp2_fraction.h"
+#include "order_keys.h"
 
 struct Avx2 {
   using V = __m256;

@@ -23,6 +23,7 @@
 namespace nbp_mega::cpu::avx512 {
 
 #include "exp2_fraction.h"
+#include "order_keys.h"
 
 struct Avx512 {
   using V = __m512;
@@ -100,23 +101,13 @@ struct Avx512 {
     alignas(64) uint32_t l16[16], h16[16];
     _mm512_store_si512(l16, vlo);
     _mm512_store_si512(h16, vhi);
-    uint32_t l = ~0u, h = 0;
+    *lo = ~0u;
+    *hi = 0;
     for (int j = 0; j < 16; ++j) {
-      l = l16[j] < l ? l16[j] : l;
-      h = h16[j] > h ? h16[j] : h;
+      *lo = l16[j] < *lo ? l16[j] : *lo;
+      *hi = h16[j] > *hi ? h16[j] : *hi;
     }
-    for (; i < n; ++i) {
-      uint32_t u;
-      __builtin_memcpy(&u, x + i, sizeof u);
-      const uint32_t key = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-      l = key < l ? key : l;
-      h = key > h ? key : h;
-      keys[c] = key;
-      ids[c] = static_cast<int32_t>(i);
-      c += key >= floor;
-    }
-    *lo = l;
-    *hi = h;
+    c = append_keys_at_least(x, i, n, floor, keys, ids, c, lo, hi);  // the tail
     return c;
   }
 };

@@ -31,6 +31,7 @@ struct Scalar {
   static float reduce_add(V v) { return v; }
 };
 
+#include "order_keys.h"
 #include "tile_kernels_impl.h"
 
 constexpr TileKernels kTable = TileImpl<Scalar>::table("generic");

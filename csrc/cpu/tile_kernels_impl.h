@@ -12,7 +12,8 @@
 // unique to the instruction set.
 //
 // `Vec` provides: V, W, MR, NV, load, store, set1, zero, add, fmadd, fmsub, mul, sub, max, exp2,
-// reduce_max, reduce_add. W must divide kPad (rows are padded to kPad floats).
+// reduce_max, reduce_add (and optionally keys_at_least). W must divide kPad (rows are padded
+// to kPad floats). exp2_fraction.h and order_keys.h come first, in the same namespace.
 
 template <class Vec>
 struct TileImpl {
@@ -170,21 +171,9 @@ struct TileImpl {
     if constexpr (requires { Vec::keys_at_least; }) {
       return Vec::keys_at_least(x, n, floor, keys, ids, lo, hi);
     } else {
-      uint32_t l = ~0u, h = 0;
-      int64_t c = 0;
-      for (int64_t i = 0; i < n; ++i) {
-        uint32_t u;
-        __builtin_memcpy(&u, x + i, sizeof u);
-        const uint32_t key = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-        l = key < l ? key : l;
-        h = key > h ? key : h;
-        keys[c] = key;
-        ids[c] = static_cast<int32_t>(i);
-        c += key >= floor;
-      }
-      *lo = l;
-      *hi = h;
-      return c;
+      *lo = ~0u;
+      *hi = 0;
+      return append_keys_at_least(x, 0, n, floor, keys, ids, 0, lo, hi);
     }
   }
 
