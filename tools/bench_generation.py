@@ -88,7 +88,7 @@ from nbp_mega.generate import (  # noqa: E402
 )
 from nbp_mega.machine_load import LoadWatch  # noqa: E402
 from nbp_mega.model import NBPTransformer  # noqa: E402
-from nbp_mega.ops import attention_impl, fused, use_attention_impl  # noqa: E402
+from nbp_mega.ops import attention_impl, use_attention_impl  # noqa: E402
 from nbp_mega.parallel.layers import TensorParallel  # noqa: E402
 
 SIZES = {"cpu": ["model.size=tiny", "model.layers=8", "model.hidden=512", "model.heads=8"]}
@@ -203,8 +203,8 @@ def bench_sampler(batches, vocab: int, positions: int, repeats: int, device, clo
         new, torch_ops, old = (statistics.median(times[n]) for n in fns)
         records.append({"shape": "sampler", "batch": batch, "positions": positions,
                         "vocab": vocab, "top_k": cfg.top_k, "top_p": cfg.top_p,
-                        "kernel": "cpu_kernel" if device.type == "cpu" and fused.AVAILABLE
-                        else "torch", "seconds": sig(new), "torch_seconds": sig(torch_ops),
+                        "kernel": sampling.default_kernel(device), "seconds": sig(new),
+                        "torch_seconds": sig(torch_ops),
                         "former_seconds": sig(old), "speedup": round(old / new, 2),
                         "speedup_over_torch": round(torch_ops / new, 2), "repeats": repeats})
     return records

@@ -3,7 +3,8 @@
 // prefilter `TileKernels::keys_at_least`, shared by the portable loops and the AVX-512 tail.
 //
 // Like exp2_fraction.h, included inside a namespace unique to the instruction set, after its
-// `#pragma GCC target`; it includes nothing and calls only compiler builtins.
+// `#pragma GCC target` (and by sampling_cpu.cpp, for its own scalar passes, in its anonymous
+// namespace); it includes nothing and calls only compiler builtins.
 
 inline uint32_t order_key_bits(uint32_t u) { return (u & 0x80000000u) ? ~u : (u | 0x80000000u); }
 

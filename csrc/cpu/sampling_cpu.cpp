@@ -34,16 +34,25 @@
 namespace nbp_mega::cpu {
 namespace {
 
+#include "order_keys.h"  // the keys keys_at_least computes, here for the scalar passes
+
 inline uint32_t order_key(float x) {
   uint32_t u;
   std::memcpy(&u, &x, sizeof u);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  return order_key_bits(u);
+}
+
+// The float whose order key is `key`.
+inline float from_order_key(uint32_t key) {
+  const uint32_t u = (key & 0x80000000u) ? (key & 0x7FFFFFFFu) : ~key;
+  float x;
+  std::memcpy(&x, &u, sizeof x);
+  return x;
 }
 
 // The bin, counted from the top, where `want` is reached by counts[] summed downwards;
 // `want` becomes the count still wanted inside that bin.
-template <class Count>
-int64_t bin_reaching(const Count* counts, int64_t bins, int64_t& want) {
+int64_t bin_reaching(const uint32_t* counts, int64_t bins, int64_t& want) {
   for (int64_t b = bins - 1; b > 0; --b) {
     if (want <= static_cast<int64_t>(counts[b])) return b;
     want -= counts[b];
@@ -124,10 +133,11 @@ std::pair<uint32_t, int64_t> kth_largest(const uint32_t* keys, int64_t n, int64_
 }
 
 // The top k of x[0, V) into s.w / s.ids, in vocabulary order (of several keys equal to the
-// k-th the lowest ids). The keys at or above a sampled floor (the table's keys_at_least:
-// one vectorised pass) are the candidates; if fewer than k pass, the floor was too high and
-// every key is a candidate. The k-th key is then selected among the candidates only.
-void select_top_k(const float* x, int64_t V, int64_t k, int64_t row, Scratch& s) {
+// k-th the lowest ids); returns the row's largest logit. The keys at or above a sampled floor
+// (the table's keys_at_least: one vectorised pass) are the candidates; if fewer than k pass,
+// the floor was too high and every key is a candidate. The k-th key is then selected among
+// the candidates only.
+float select_top_k(const float* x, int64_t V, int64_t k, int64_t row, Scratch& s) {
   const TileKernels& kern = tile_kernels();
   uint32_t floor = sampled_floor(x, V, k, s);
   s.keys.resize(V + kPad);
@@ -153,6 +163,7 @@ void select_top_k(const float* x, int64_t V, int64_t k, int64_t row, Scratch& s)
     c += keep && c < k;  // (never past k, were the select wrong: the check below says so)
   }
   TORCH_INTERNAL_ASSERT(c == k, "sample_rows: selected ", c, " of the top ", k);
+  return from_order_key(hi);
 }
 
 // Nucleus bins: 2^(23 - kBinShift) = 256 per octave below the largest weight (1), over
@@ -193,11 +204,11 @@ int64_t sample_row(const float* x, int64_t V, int64_t k, double top_p, float sca
                    int64_t row, Scratch& s) {
   const bool top_k = 0 < k && k < V;
   const int64_t n = top_k ? k : V;
+  float top = x[0];
   if (top_k) {
-    select_top_k(x, V, k, row, s);
+    top = select_top_k(x, V, k, row, s);
   } else {
     s.w.assign(x, x + V);
-    float top = x[0];
     int64_t nan = 0;
 #pragma omp simd reduction(max : top) reduction(+ : nan)
     for (int64_t i = 0; i < V; ++i) {
@@ -207,9 +218,6 @@ int64_t sample_row(const float* x, int64_t V, int64_t k, double top_p, float sca
     check_row(nan > 0, order_key(top), row);
   }
   float* w = s.w.data();
-  float top = w[0];
-#pragma omp simd reduction(max : top)
-  for (int64_t c = 1; c < n; ++c) top = w[c] > top ? w[c] : top;
   const float total = tile_kernels().exp2_sum(w, n, top, scale2);
   float cut = 0.f;
   double kept = total;

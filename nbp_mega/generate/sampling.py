@@ -13,10 +13,10 @@ then the k most likely tokens, then top-p over those survivors (renormalised). `
 it by an inverse CDF at one uniform per position, without sorting anything of size V or k,
 two ways:
 - on the CPU, nbp_mega._C's `sample_rows` (csrc/cpu/sampling_cpu.cpp): per row, on one of
-  torch's threads, a radix select of the k-th largest logit (one histogram pass over V, one
-  pass that splits the tokens into sure survivors and candidates, then passes over the
-  candidates only), vectorised weights, a histogram of their mass over log-spaced bins to find
-  the bin where the nucleus ends (only that bin is sorted), and the CDF summed in double;
+  torch's threads, a floor under the k-th largest logit guessed from every 32nd token, one
+  vectorised pass keeping the tokens above it, a radix select of the k-th among those,
+  vectorised weights, a histogram of their mass over log-spaced bins to find the bin where
+  the nucleus ends (only that bin is sorted), and the CDF summed in double;
 - elsewhere (and where the extension is not built) PyTorch ops: `topk(sorted=False)` selects
   the candidates, the same log-spaced histogram (index_add_) finds the nucleus' bin, and only
   the few candidates in that bin are ordered to find the exact cut.
@@ -144,6 +144,11 @@ def _draw_torch(logits: torch.Tensor, cfg: SamplingConfig, uniform: torch.Tensor
 KERNELS = ("auto", "cpu_kernel", "torch")
 
 
+def default_kernel(device: torch.device) -> str:
+    """What draw's kernel="auto" runs for logits on `device`."""
+    return "cpu_kernel" if device.type == "cpu" and _fused.AVAILABLE else "torch"
+
+
 def draw(logits: torch.Tensor, cfg: SamplingConfig, uniform: torch.Tensor,
          kernel: str = "auto") -> torch.Tensor:
     """logits [B, L, V], uniform [B, L] in [0, 1] -> token ids [B, L]: the inverse CDF of
@@ -157,7 +162,7 @@ def draw(logits: torch.Tensor, cfg: SamplingConfig, uniform: torch.Tensor,
     if kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r}: expected one of {KERNELS}")
     if kernel == "auto":
-        kernel = "cpu_kernel" if logits.device.type == "cpu" and _fused.AVAILABLE else "torch"
+        kernel = default_kernel(logits.device)
     if kernel == "torch":
         return _draw_torch(logits, cfg, uniform)
     B, L, V = logits.shape
