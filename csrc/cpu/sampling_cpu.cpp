@@ -65,7 +65,28 @@ struct Scratch {
   std::vector<float> w, members;
   std::vector<int32_t> ids, cand_ids;
   std::vector<float> mass;
+  std::vector<double> chunk_mass;
 };
+
+// v's buffer with room for n elements. Only ever grows: a shrink and regrow would zero the
+// regrown part again on every row.
+template <class T>
+T* room(std::vector<T>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+  return v.data();
+}
+
+// Keeps, in order, the keys of keys[0, n) whose bits above `shift` equal `prefix`, writing
+// them to out (which may be keys itself); returns their count. Without branches (which keys
+// match is data) and without push_back (each one reloaded the thread_local scratch's address).
+int64_t keep_prefix(const uint32_t* keys, int64_t n, int shift, uint32_t prefix, uint32_t* out) {
+  int64_t m = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    out[m] = keys[i];
+    m += (keys[i] >> shift) == prefix;
+  }
+  return m;
+}
 
 // Keys of +inf and -inf: a key above the first or below the second is a NaN.
 constexpr uint32_t kInfKey = 0xFF800000u, kMinusInfKey = 0x007FFFFFu;
@@ -89,11 +110,10 @@ uint32_t sampled_floor(const float* x, int64_t V, int64_t k, Scratch& s) {
   const int64_t rank = static_cast<int64_t>(
       std::ceil(m * q + 4.0 * std::sqrt(m * q * (1.0 - q)) + 8.0));  // 1-based, from the top
   if (rank >= m) return 0;
-  s.narrowed.resize(m);
-  for (int64_t j = 0; j < m; ++j) s.narrowed[j] = order_key(x[j * kStride]);
-  std::nth_element(s.narrowed.begin(), s.narrowed.begin() + (rank - 1), s.narrowed.end(),
-                   std::greater<uint32_t>());
-  return s.narrowed[rank - 1];
+  uint32_t* sampled = room(s.narrowed, m);
+  for (int64_t j = 0; j < m; ++j) sampled[j] = order_key(x[j * kStride]);
+  std::nth_element(sampled, sampled + (rank - 1), sampled + m, std::greater<uint32_t>());
+  return sampled[rank - 1];
 }
 
 // The k-th largest of keys[0, n) (k <= n): a radix select over 11 + 11 + 10 bits, the first
@@ -115,19 +135,15 @@ std::pair<uint32_t, int64_t> kth_largest(const uint32_t* keys, int64_t n, int64_
   for (int64_t b = 0; b < kTopBins; ++b) h0[b] += h1[b];
   int64_t want = k;
   uint32_t prefix = bin_reaching(h0, kTopBins, want);
-  std::vector<uint32_t>& left = s.narrowed;
-  left.clear();
-  for (i = 0; i < n; ++i)
-    if ((keys[i] >> 21) == prefix) left.push_back(keys[i]);
+  uint32_t* left = room(s.narrowed, n);
+  int64_t m = keep_prefix(keys, n, 21, prefix, left);
   for (const int bits : {11, 10}) {  // the remaining 21 bits
     const int shift = bits == 11 ? 10 : 0;
     const uint32_t mask = (1u << bits) - 1;
     s.hist.assign(size_t{1} << bits, 0);
-    for (const uint32_t key : left) ++s.hist[(key >> shift) & mask];
+    for (int64_t j = 0; j < m; ++j) ++s.hist[(left[j] >> shift) & mask];
     prefix = (prefix << bits) | bin_reaching(s.hist.data(), int64_t{1} << bits, want);
-    left.erase(std::remove_if(left.begin(), left.end(),
-                              [&](uint32_t key) { return (key >> shift) != prefix; }),
-               left.end());
+    if (shift) m = keep_prefix(left, m, shift, prefix, left);
   }
   return {prefix, want};
 }
@@ -159,7 +175,7 @@ float select_top_k(const float* x, int64_t V, int64_t k, int64_t row, Scratch& s
     const bool keep = keys[j] > threshold || (tie && ties > 0);
     ties -= tie & keep;
     ids[c] = cand[j];
-    w[c] = x[cand[j]];
+    w[c] = from_order_key(keys[j]);  // = x[cand[j]], without a gather
     c += keep && c < k;  // (never past k, were the select wrong: the check below says so)
   }
   TORCH_INTERNAL_ASSERT(c == k, "sample_rows: selected ", c, " of the top ", k);
@@ -187,17 +203,62 @@ float nucleus_threshold(const float* w, int64_t n, double mass, Scratch& s) {
   double before = 0.0;
   int64_t last = 0;
   for (; last < kBins - 1 && before + s.mass[last] < mass; ++last) before += s.mass[last];
-  s.members.clear();
-  for (int64_t c = 0; c < n; ++c)
-    if (weight_bin(w[c]) == last) s.members.push_back(w[c]);
-  std::sort(s.members.begin(), s.members.end(), std::greater<float>());
-  float threshold = s.members.front();
-  for (const float m : s.members) {
+  float* members = room(s.members, n);
+  int64_t count = 0;
+  for (int64_t c = 0; c < n; ++c) {  // without branches, as keep_prefix
+    members[count] = w[c];
+    count += weight_bin(w[c]) == last;
+  }
+  std::sort(members, members + count, std::greater<float>());
+  float threshold = members[0];
+  for (int64_t j = 0; j < count; ++j) {
+    const float m = members[j];
     if (before >= mass) break;
     threshold = m;
     before += m;
   }
   return threshold;
+}
+
+// The inverse CDF walks the kept weights in chunks of kChunk: the chunks' masses (summed
+// vectorised) find the chunk where the CDF passes the target, and only that chunk is walked
+// token by token (in double), instead of half the row on average.
+constexpr int64_t kChunk = 256;
+
+// Per chunk of w[0, n), the mass of its kept tokens (w >= cut, and > 0) into chunk_mass;
+// returns their sum.
+double kept_mass(const float* w, int64_t n, float cut, std::vector<double>& chunk_mass) {
+  double* mass = room(chunk_mass, (n + kChunk - 1) / kChunk);
+  double kept = 0.0;
+  for (int64_t lo = 0, c = 0; lo < n; lo += kChunk, ++c) {
+    const int64_t hi = std::min(n, lo + kChunk);
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = lo; i < hi; ++i) sum += w[i] >= cut ? w[i] : 0.f;
+    mass[c] = sum;
+    kept += sum;
+  }
+  return kept;
+}
+
+// The first kept token at which the CDF of the kept weights in vocabulary order passes
+// target; or, where none does (target rounded up to the total), the last kept token.
+int64_t inverse_cdf(const float* w, int64_t n, float cut, double target,
+                    const double* chunk_mass) {
+  double cdf = 0.0;
+  int64_t lo = 0;
+  for (int64_t c = 0; lo < n && cdf + chunk_mass[c] <= target; lo += kChunk, ++c)
+    cdf += chunk_mass[c];
+  int64_t last = -1;
+  for (int64_t i = lo; i < n; ++i) {  // the chunk's float mass may round: walk on if need be
+    if (w[i] < cut || w[i] == 0.f) continue;
+    cdf += w[i];
+    last = i;
+    if (cdf > target) return i;
+  }
+  for (int64_t i = std::min(lo, n) - 1; last < 0 && i >= 0; --i)  // past every chunk: the last
+    if (w[i] >= cut && w[i] > 0.f) last = i;  // kept token
+  return last;
 }
 
 int64_t sample_row(const float* x, int64_t V, int64_t k, double top_p, float scale2, double u,
@@ -219,26 +280,9 @@ int64_t sample_row(const float* x, int64_t V, int64_t k, double top_p, float sca
   }
   float* w = s.w.data();
   const float total = tile_kernels().exp2_sum(w, n, top, scale2);
-  float cut = 0.f;
-  double kept = total;
-  if (top_p < 1.0) {
-    cut = nucleus_threshold(w, n, top_p * total, s);
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t c = 0; c < n; ++c) sum += w[c] >= cut ? w[c] : 0.f;
-    kept = sum;
-  }
-  const double target = u * kept;
-  double cdf = 0.0;
-  int64_t last = 0;
-  for (int64_t c = 0; c < n; ++c) {
-    if (w[c] < cut || w[c] == 0.f) continue;
-    cdf += w[c];
-    last = c;
-    if (cdf > target) break;
-  }
-  // `last`: the first token whose CDF passes u * kept, or (u * kept rounding up to the sum)
-  // the last token of weight > 0
+  const float cut = top_p < 1.0 ? nucleus_threshold(w, n, top_p * total, s) : 0.f;
+  const double kept = kept_mass(w, n, cut, s.chunk_mass);
+  const int64_t last = inverse_cdf(w, n, cut, u * kept, s.chunk_mass.data());
   return top_k ? s.ids[last] : last;
 }
 

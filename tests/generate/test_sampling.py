@@ -89,6 +89,18 @@ def test_never_a_token_of_probability_zero_even_at_the_end_of_the_cdf(name, kern
     assert torch.isfinite(kept.gather(-1, ids[..., None])).all(), ids
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_the_cdf_walk_across_chunks_ends_at_the_last_kept_token(kernel):
+    # 3 kept tokens in a row of 2000 (the kernel walks chunks of 256 ids): each uniform falls on
+    # its token's share, and u = 1 on the last kept token, never a later, empty chunk's
+    logits = torch.full((1, 1, 2000), float("-inf"))
+    logits[0, 0, [5, 300, 700]] = 0.0
+    uniform = torch.tensor([[0.1, 0.5, 0.9, 1.0]])
+    ids = draw(logits.expand(1, 4, 2000), SamplingConfig(top_k=0, top_p=1.0), uniform,
+               kernel=kernel)
+    assert ids.tolist() == [[5, 300, 700, 700]]
+
+
 def test_a_row_depends_only_on_its_own_generator():
     torch.manual_seed(1)
     logits = torch.randn(8, 16, 1000)
