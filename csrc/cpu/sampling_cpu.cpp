@@ -42,12 +42,15 @@ inline uint32_t order_key(float x) {
   return order_key_bits(u);
 }
 
-// The float whose order key is `key`.
-inline float from_order_key(uint32_t key) {
-  const uint32_t u = (key & 0x80000000u) ? (key & 0x7FFFFFFFu) : ~key;
+inline float bits_to_float(uint32_t u) {
   float x;
   std::memcpy(&x, &u, sizeof x);
   return x;
+}
+
+// The float whose order key is `key`.
+inline float from_order_key(uint32_t key) {
+  return bits_to_float((key & 0x80000000u) ? (key & 0x7FFFFFFFu) : ~key);
 }
 
 // The bin, counted from the top, where `want` is reached by counts[] summed downwards;
@@ -62,30 +65,19 @@ int64_t bin_reaching(const uint32_t* counts, int64_t bins, int64_t& want) {
 
 struct Scratch {
   std::vector<uint32_t> hist, keys, narrowed;
-  std::vector<float> w, members;
+  std::vector<float> w;
+  std::vector<uint32_t> members;  // weights' bits
   std::vector<int32_t> ids, cand_ids;
   std::vector<float> mass;
   std::vector<double> chunk_mass;
 };
 
-// v's buffer with room for n elements. Only ever grows: a shrink and regrow would zero the
-// regrown part again on every row.
+// v's buffer with room for n elements, + kPad (the vectorised compactions store whole
+// vectors). Only ever grows: a shrink and regrow would zero the regrown part on every row.
 template <class T>
 T* room(std::vector<T>& v, int64_t n) {
-  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+  if (static_cast<int64_t>(v.size()) < n + kPad) v.resize(n + kPad);
   return v.data();
-}
-
-// Keeps, in order, the keys of keys[0, n) whose bits above `shift` equal `prefix`, writing
-// them to out (which may be keys itself); returns their count. Without branches (which keys
-// match is data) and without push_back (each one reloaded the thread_local scratch's address).
-int64_t keep_prefix(const uint32_t* keys, int64_t n, int shift, uint32_t prefix, uint32_t* out) {
-  int64_t m = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    out[m] = keys[i];
-    m += (keys[i] >> shift) == prefix;
-  }
-  return m;
 }
 
 // Keys of +inf and -inf: a key above the first or below the second is a NaN.
@@ -117,10 +109,22 @@ uint32_t sampled_floor(const float* x, int64_t V, int64_t k, Scratch& s) {
 }
 
 // The k-th largest of keys[0, n) (k <= n): a radix select over 11 + 11 + 10 bits, the first
-// level over all n, the next ones over the keys of the chosen bin only. Returns the key and
-// how many of the keys equal to it are among the top k.
-std::pair<uint32_t, int64_t> kth_largest(const uint32_t* keys, int64_t n, int64_t k,
-                                         Scratch& s) {
+// level over all n, the next ones over the keys of the chosen bin only (compacted by the
+// table's keys_between).
+struct KthKey {
+  uint32_t key;
+  int64_t ties;   // how many of the keys equal to it are among the top k
+  int64_t equal;  // how many keys equal it
+};
+
+// The bits [shift, shift + bits) all 0 / all 1 below `prefix`: the keys with that prefix.
+inline uint32_t prefix_lo(uint32_t prefix, int shift) { return prefix << shift; }
+inline uint32_t prefix_hi(uint32_t prefix, int shift) {
+  return (prefix << shift) | ((1u << shift) - 1);
+}
+
+KthKey kth_largest(const uint32_t* keys, int64_t n, int64_t k, Scratch& s) {
+  const TileKernels& kern = tile_kernels();
   // two interleaved histograms: consecutive keys of one bin do not wait on each other's
   // increment (store-to-load forwarding)
   s.hist.assign(2 * kTopBins, 0);
@@ -136,16 +140,22 @@ std::pair<uint32_t, int64_t> kth_largest(const uint32_t* keys, int64_t n, int64_
   int64_t want = k;
   uint32_t prefix = bin_reaching(h0, kTopBins, want);
   uint32_t* left = room(s.narrowed, n);
-  int64_t m = keep_prefix(keys, n, 21, prefix, left);
+  int64_t m = kern.keys_between(keys, nullptr, n, prefix_lo(prefix, 21), prefix_hi(prefix, 21),
+                                left, nullptr);
+  int64_t equal = 0;
   for (const int bits : {11, 10}) {  // the remaining 21 bits
     const int shift = bits == 11 ? 10 : 0;
     const uint32_t mask = (1u << bits) - 1;
     s.hist.assign(size_t{1} << bits, 0);
     for (int64_t j = 0; j < m; ++j) ++s.hist[(left[j] >> shift) & mask];
-    prefix = (prefix << bits) | bin_reaching(s.hist.data(), int64_t{1} << bits, want);
-    if (shift) m = keep_prefix(left, m, shift, prefix, left);
+    const int64_t bin = bin_reaching(s.hist.data(), int64_t{1} << bits, want);
+    prefix = (prefix << bits) | static_cast<uint32_t>(bin);
+    equal = s.hist[bin];
+    if (shift)
+      m = kern.keys_between(left, nullptr, m, prefix_lo(prefix, shift),
+                            prefix_hi(prefix, shift), left, nullptr);
   }
-  return {prefix, want};
+  return {prefix, want, equal};
 }
 
 // The top k of x[0, V) into s.w / s.ids, in vocabulary order (of several keys equal to the
@@ -164,19 +174,24 @@ float select_top_k(const float* x, int64_t V, int64_t k, int64_t row, Scratch& s
   int64_t n = kern.keys_at_least(x, V, floor, keys, cand, &lo, &hi);
   check_row(hi > kInfKey || lo < kMinusInfKey, hi, row);  // keys beyond +-inf: NaN
   if (n < k) n = kern.keys_at_least(x, V, floor = 0, keys, cand, &lo, &hi);
-  auto [threshold, ties] = kth_largest(keys, n, k, s);
-  s.w.resize(k + 1);  // + 1: the branch-free loop writes one past its last survivor
-  s.ids.resize(k + 1);
-  float* w = s.w.data();
-  int32_t* ids = s.ids.data();
+  const KthKey kth = kth_largest(keys, n, k, s);
+  float* w = room(s.w, k);
+  int32_t* ids = room(s.ids, k);
   int64_t c = 0;
-  for (int64_t j = 0; j < n; ++j) {  // without branches: which candidates survive is data
-    const bool tie = keys[j] == threshold;
-    const bool keep = keys[j] > threshold || (tie && ties > 0);
-    ties -= tie & keep;
-    ids[c] = cand[j];
-    w[c] = from_order_key(keys[j]);  // = x[cand[j]], without a gather
-    c += keep && c < k;  // (never past k, were the select wrong: the check below says so)
+  if (kth.ties == kth.equal) {  // every key >= the k-th survives: one vectorised compaction
+    uint32_t* kept = room(s.narrowed, n);
+    c = kern.keys_between(keys, cand, n, kth.key, ~0u, kept, ids);
+    for (int64_t j = 0; j < c; ++j) w[j] = from_order_key(kept[j]);
+  } else {  // some keys tied at the k-th do not: the lowest ids of them do
+    int64_t ties = kth.ties;
+    for (int64_t j = 0; j < n; ++j) {  // without branches: which candidates survive is data
+      const bool tie = keys[j] == kth.key;
+      const bool keep = keys[j] > kth.key || (tie && ties > 0);
+      ties -= tie & keep;
+      ids[c] = cand[j];
+      w[c] = from_order_key(keys[j]);  // = x[cand[j]], without a gather
+      c += keep && c < k;  // (never past k, were the select wrong: the check below says so)
+    }
   }
   TORCH_INTERNAL_ASSERT(c == k, "sample_rows: selected ", c, " of the top ", k);
   return from_order_key(hi);
@@ -203,19 +218,19 @@ float nucleus_threshold(const float* w, int64_t n, double mass, Scratch& s) {
   double before = 0.0;
   int64_t last = 0;
   for (; last < kBins - 1 && before + s.mass[last] < mass; ++last) before += s.mass[last];
-  float* members = room(s.members, n);
-  int64_t count = 0;
-  for (int64_t c = 0; c < n; ++c) {  // without branches, as keep_prefix
-    members[count] = w[c];
-    count += weight_bin(w[c]) == last;
-  }
-  std::sort(members, members + count, std::greater<float>());
-  float threshold = members[0];
+  // the weights of bin `last` (a range of their bits; the last bin reaches down to 0),
+  // compacted as bits: floats >= 0 sort as their bits do
+  const uint32_t top = kOneBits - static_cast<uint32_t>(last << kBinShift);
+  const uint32_t bottom = last == kBins - 1 ? 0u : top - (1u << kBinShift) + 1;
+  uint32_t* members = room(s.members, n);
+  const int64_t count = tile_kernels().keys_between(reinterpret_cast<const uint32_t*>(w), nullptr,
+                                                    n, bottom, top, members, nullptr);
+  std::sort(members, members + count, std::greater<uint32_t>());
+  float threshold = bits_to_float(members[0]);
   for (int64_t j = 0; j < count; ++j) {
-    const float m = members[j];
     if (before >= mass) break;
-    threshold = m;
-    before += m;
+    threshold = bits_to_float(members[j]);
+    before += threshold;
   }
   return threshold;
 }

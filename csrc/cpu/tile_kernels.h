@@ -59,6 +59,12 @@ struct TileKernels {
   // become the smallest and largest key of all n.
   int64_t (*keys_at_least)(const float* x, int64_t n, uint32_t floor, uint32_t* keys,
                            int32_t* ids, uint32_t* lo, uint32_t* hi);
+
+  // The sampler's later compactions: of keys[0, n), those in [lo, hi], in order, into out[]
+  // and, if out_ids, their ids (ids[j], or j without ids) into out_ids[] (room for their
+  // count + kPad, as above; out may be keys itself, out_ids ids). Returns the count.
+  int64_t (*keys_between)(const uint32_t* keys, const int32_t* ids, int64_t n, uint32_t lo,
+                          uint32_t hi, uint32_t* out, int32_t* out_ids);
 };
 
 // The implementations. avx512_kernels() / avx2_kernels() are nullptr where the build or the

@@ -110,6 +110,30 @@ struct Avx512 {
     c = append_keys_at_least(x, i, n, floor, keys, ids, c, lo, hi);  // the tail
     return c;
   }
+
+  // The later compactions (tile_kernels.h), 16 keys at a time as keys_at_least. In place
+  // (out == keys) is safe: a vector is loaded before anything at or past its start is stored.
+  static int64_t keys_between(const uint32_t* keys, const int32_t* ids, int64_t n, uint32_t lo,
+                              uint32_t hi, uint32_t* out, int32_t* out_ids) {
+    const __m512i vlo = _mm512_set1_epi32(static_cast<int>(lo));
+    const __m512i vhi = _mm512_set1_epi32(static_cast<int>(hi));
+    const __m512i step = _mm512_set1_epi32(16);
+    __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    int64_t c = 0, i = 0;
+    for (; i + 16 <= n; i += 16) {
+      const __m512i key = _mm512_loadu_si512(keys + i);
+      const __mmask16 pass = _mm512_cmpge_epu32_mask(key, vlo) &
+                             _mm512_cmple_epu32_mask(key, vhi);
+      if (out_ids) {
+        const __m512i id = ids ? _mm512_loadu_si512(ids + i) : idx;
+        _mm512_storeu_si512(out_ids + c, _mm512_maskz_compress_epi32(pass, id));
+        idx = _mm512_add_epi32(idx, step);
+      }
+      _mm512_storeu_si512(out + c, _mm512_maskz_compress_epi32(pass, key));
+      c += __builtin_popcount(pass);
+    }
+    return append_keys_between(keys, ids, i, n, lo, hi, out, out_ids, c);  // the tail
+  }
 };
 
 #include "tile_kernels_impl.h"

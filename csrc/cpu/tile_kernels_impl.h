@@ -12,7 +12,7 @@
 // unique to the instruction set.
 //
 // `Vec` provides: V, W, MR, NV, load, store, set1, zero, add, fmadd, fmsub, mul, sub, max, exp2,
-// reduce_max, reduce_add (and optionally keys_at_least). W must divide kPad (rows are padded
+// reduce_max, reduce_add (and optionally keys_at_least, keys_between). W must divide kPad (rows are padded
 // to kPad floats). exp2_fraction.h and order_keys.h come first, in the same namespace.
 
 template <class Vec>
@@ -177,10 +177,20 @@ struct TileImpl {
     }
   }
 
+  // Portable as keys_at_least (order_keys.h's loop), or the instruction set's compress.
+  static int64_t keys_between(const uint32_t* keys, const int32_t* ids, int64_t n, uint32_t lo,
+                              uint32_t hi, uint32_t* out, int32_t* out_ids) {
+    if constexpr (requires { Vec::keys_between; }) {
+      return Vec::keys_between(keys, ids, n, lo, hi, out, out_ids);
+    } else {
+      return append_keys_between(keys, ids, 0, n, lo, hi, out, out_ids, 0);
+    }
+  }
+
   // constexpr: the table is built at compile time, so loading the library runs no code of
   // the AVX2 instantiation on a CPU that may lack AVX2.
   static constexpr TileKernels table(const char* isa) {
-    return TileKernels{isa,    &gemm,     &softmax_step, &probs,
-                       &dscores, &scale, &exp2_sum,     &keys_at_least};
+    return TileKernels{isa,    &gemm,     &softmax_step,  &probs,       &dscores,
+                       &scale, &exp2_sum, &keys_at_least, &keys_between};
   }
 };
