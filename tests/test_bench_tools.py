@@ -331,6 +331,12 @@ def test_bench_generation_records_add_up():
                     and t["batch"] == ratios["batch"])
         assert speedup["value"] == ratios["rows_over_ntp"]
         assert speedup["met"] == (speedup["value"] >= 11)
+        # the ceiling: this run's NTP clip over the rows clip's floor
+        ceiling, = (f for f in floor["floors"] if f["batch"] == ratios["batch"])
+        assert ceiling["ntp_measured_seconds"] == ntp["seconds"]
+        assert speedup["ceiling"] == ceiling["rows_over_ntp_ceiling"] == pytest.approx(
+            ntp["seconds"] / ceiling["rows_seconds"], abs=0.01)
+        assert speedup["reachable"] == (speedup["ceiling"] >= 11)
     for t in (t for t in targets if t["target"] == "sampler_overhead"):
         assert t["value"] == setups[t["setup"], t["batch"]]["sampler_overhead"]
         assert t["met"] == (t["value"] <= 0.10)

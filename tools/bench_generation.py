@@ -58,7 +58,10 @@ timed too, in the same rounds. If capturing fails, the graph records carry the e
      met is null where a value is missing, and every target is null on other devices
     {"shape": "roofline", gemm_flops_per_s, gemm_n, read_bytes_per_s, matmul_weights,
      weight_bytes, flops_per_token, floors: [{batch, rows_seconds, ntp_seconds,
-     rows_over_ntp}]}: the fastest clips this device allows (see roofline())       (last)
+     rows_over_ntp, ntp_measured_seconds, rows_over_ntp_ceiling}]}: the fastest clips this
+     device allows (see roofline()); the ceiling (add_ceilings) is this run's NTP seconds
+     over the rows floor, the most rows / NTP can reach here, also written beside the ratio
+     targets as "ceiling" and "reachable"                                           (last)
 """
 
 from __future__ import annotations
@@ -452,7 +455,30 @@ def run(args, cfg, dims, watch: LoadWatch) -> tuple[list[dict], int]:
     params = sum(p.numel() for p in model.parameters())
     floor = roofline(model, device, dtype, args.batches, args.given_frames)
     watch.sample("roofline")
-    return records + rows + comparisons(rows, device.type) + [floor], params
+    compared = comparisons(rows, device.type)
+    add_ceilings(floor, rows, compared[-1])
+    return records + rows + compared + [floor], params
+
+
+def add_ceilings(floor: dict, rows: list[dict], targets: dict) -> None:
+    """The most rows / NTP can reach against this run's own NTP clips: a rows clip cannot beat
+    its floor (all its tokens' matmul FLOPs at the measured GEMM rate), so measured NTP seconds
+    over that floor bounds the ratio from above, whatever the rows engine does. Written into
+    the roofline's floors and beside each eager ratio target ("reachable": the ceiling reaches
+    the limit; false: the target needs NTP slower than measured, or a faster machine)."""
+    ntp = {r["batch"]: r.get("seconds") for r in rows
+           if r["shape"] == "ntp" and r["variant"] == "eager"}
+    ceiling = {}
+    for f in floor["floors"]:
+        if ntp.get(f["batch"]):
+            f["ntp_measured_seconds"] = ntp[f["batch"]]
+            ceiling[f["batch"]] = f["rows_over_ntp_ceiling"] = round(
+                ntp[f["batch"]] / f["rows_seconds"], 2)
+    for t in targets["targets"]:
+        if t["target"].startswith("rows_over") and t["variant"] == "eager" \
+                and t["batch"] in ceiling:
+            t["ceiling"] = ceiling[t["batch"]]
+            t["reachable"] = ceiling[t["batch"]] >= TARGET_RATIO
 
 
 # -- the roofline ----------------------------------------------------------------------------
