@@ -15,7 +15,12 @@
 //   3. top-p: a histogram of the weights' mass over 256 bins per octave finds the bin where
 //      the nucleus ends; only that bin's weights are sorted to find the exact cut (a token is
 //      kept while the weight of the heavier tokens before it stays below top_p * total);
-//   4. the inverse CDF at u over the kept tokens in vocabulary order, summed in double.
+//   4. the inverse CDF at u over the kept tokens in vocabulary order, summed in double: the
+//      masses of chunks of 256 tokens find the chunk, which alone is walked token by token.
+// Every compaction (candidates, radix levels, survivors, the nucleus bin) is one pass of the
+// ISA table's keys_at_least / keys_between (AVX-512: compress in registers). Measured at
+// V = 64000, top-k 16000, top-p 0.9, one thread: 97 us a row (188 before the chunked CDF and
+// the vectorised compactions).
 // Ties: of several tokens tied at the top-p cut all are kept (as sampling.py's torch path);
 // the top-k tie-break (lowest ids) may differ from torch.topk's.
 #include <ATen/ATen.h>
