@@ -19,8 +19,8 @@
 //      masses of chunks of 256 tokens find the chunk, which alone is walked token by token.
 // Every compaction (candidates, radix levels, survivors, the nucleus bin) is one pass of the
 // ISA table's keys_at_least / keys_between (AVX-512: compress in registers). Measured at
-// V = 64000, top-k 16000, top-p 0.9, one thread: 97 us a row (188 before the chunked CDF and
-// the vectorised compactions).
+// V = 64000, top-k 16000, top-p 0.9, one thread: 87 us a row, 186 before the chunked CDF, the
+// vectorised compactions and the radix-selected floor (README, Generation speed).
 // Ties: of several tokens tied at the top-p cut all are kept (as sampling.py's torch path);
 // the top-k tie-break (lowest ids) may differ from torch.topk's.
 #include <ATen/ATen.h>
