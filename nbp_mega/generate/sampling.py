@@ -27,9 +27,9 @@ paths give different tokens for one seed (each follows the distribution). Where 
 sort keeps some of several tokens tied at the nucleus' last weight, both keep them all; float
 sums in another order can move a token exactly at the top-p boundary (on CUDA the bin sums use
 atomics); of tokens tied at the k-th logit the kernel keeps the lowest ids.
-Measured (.notes/bench_generation_2026-12-07.json, V = 64000, 16 positions, 2 threads): the
-kernel 7.7x (batch 1: 1.0 ms) and 12.4x (batch 8: 6.6 ms) faster than the PyTorch path, 41x and
-54x the first sampler (a full sort of V).
+Measured (.notes/bench_generation_2026-12-07b.json, V = 64000, 16 positions, 2 threads): the
+kernel 8.7x (batch 1: 0.95 ms) and 12.2x (batch 8: 6.2 ms) faster than the PyTorch path, 44x
+and 56x the first sampler (a full sort of V).
 """
 
 from __future__ import annotations
