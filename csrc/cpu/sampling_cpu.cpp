@@ -233,6 +233,7 @@ float nucleus_threshold(const float* w, int64_t n, double mass, Scratch& s) {
   uint32_t* members = room(s.members, n);
   const int64_t count = tile_kernels().keys_between(reinterpret_cast<const uint32_t*>(w), nullptr,
                                                     n, bottom, top, members, nullptr);
+  if (count == 0) return 0.f;  // the bins' sums fell short of the mass by rounding: keep all
   std::sort(members, members + count, std::greater<uint32_t>());
   float threshold = bits_to_float(members[0]);
   for (int64_t j = 0; j < count; ++j) {
