@@ -186,10 +186,12 @@ def test_preempted_job_checkpoints_requeues_and_continues_exactly(slurm_cluster,
         report()
 
     logs = run_dir / "logs" / job
-    stop = (f"stopping after step {k} of {STEPS}: a stop signal (SIGUSR1/SIGTERM) reached 2 "
-            "of 2 ranks")
-    for rank in (0, 1):
-        assert stop in (logs / "restart0" / f"rank{rank}.log").read_text(), report()
+    # scancel signals both ranks, but not at one instant: the ranks' vote after a step may
+    # count 1 or 2 of them (seen in CI: "1 of 2"); either way both stop at that same step k
+    stop = re.compile(rf"stopping after step {k} of {STEPS}: a stop signal \(SIGUSR1/SIGTERM\) "
+                      r"reached ([12]) of 2 ranks")
+    votes = [stop.findall((logs / "restart0" / f"rank{rank}.log").read_text()) for rank in (0, 1)]
+    assert len(votes[0]) == 1 and votes[0] == votes[1], report()
     resumed = (logs / "restart1" / "rank0.log").read_text()
     assert f"resumed from {run_dir}/checkpoints/step_{k:08d} (step {k})" in resumed, report()
     assert "requeueing" in (run_dir / "logs" / f"slurm-{job}.out").read_text()
