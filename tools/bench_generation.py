@@ -456,7 +456,7 @@ def run(args, cfg, dims, watch: LoadWatch) -> tuple[list[dict], int]:
     floor = roofline(model, device, dtype, args.batches, args.given_frames)
     watch.sample("roofline")
     compared = comparisons(rows, device.type)
-    add_ceilings(floor, rows, compared[-1])
+    add_ceilings(floor, rows, next(r for r in compared if r["shape"] == "targets"))
     return records + rows + compared + [floor], params
 
 

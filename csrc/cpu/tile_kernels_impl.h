@@ -12,8 +12,8 @@
 // unique to the instruction set.
 //
 // `Vec` provides: V, W, MR, NV, load, store, set1, zero, add, fmadd, fmsub, mul, sub, max, exp2,
-// reduce_max, reduce_add (and optionally keys_at_least, keys_between). W must divide kPad (rows are padded
-// to kPad floats). exp2_fraction.h and order_keys.h come first, in the same namespace.
+// reduce_max, reduce_add (and optionally keys_at_least, keys_between). W must divide kPad (rows
+// are padded to kPad floats). exp2_fraction.h and order_keys.h come first, in the same namespace.
 
 template <class Vec>
 struct TileImpl {
